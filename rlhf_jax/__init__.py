@@ -1,0 +1,64 @@
+"""rlhf_jax: RLHF (PPO, RLOO, GRPO, REINFORCE++) as pure, jitted, sharded JAX functions.
+
+The public API is re-exported flat from this module.
+"""
+
+from rlhf_jax.advantages import gae
+from rlhf_jax.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
+from rlhf_jax.losses import (
+    aggregate_loss,
+    bradley_terry_loss,
+    lm_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from rlhf_jax.ops import (
+    INVALID_LOGPROB,
+    first_true_indices,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    response_mask,
+    truncate_after_stop,
+)
+from rlhf_jax.rewards import (
+    KLController,
+    KLState,
+    adaptive_kl_controller,
+    apply_missing_stop_penalty,
+    fixed_kl_controller,
+    kl_penalty,
+    score_indices,
+    shape_rewards,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "INVALID_LOGPROB",
+    "KLController",
+    "KLState",
+    "adaptive_kl_controller",
+    "aggregate_loss",
+    "apply_missing_stop_penalty",
+    "bradley_terry_loss",
+    "entropy_from_logits",
+    "first_true_indices",
+    "fixed_kl_controller",
+    "gae",
+    "kl_penalty",
+    "lm_loss",
+    "logprobs_from_hidden",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "response_mask",
+    "score_indices",
+    "selective_log_softmax",
+    "shape_rewards",
+    "truncate_after_stop",
+]
