@@ -32,11 +32,13 @@ from rlhf_jax.rewards import (
     score_indices,
     shape_rewards,
 )
+from rlhf_jax.sampling import Generation, SamplingConfig, generate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "INVALID_LOGPROB",
+    "Generation",
     "KLController",
     "KLState",
     "adaptive_kl_controller",
@@ -56,7 +58,9 @@ __all__ = [
     "masked_whiten",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "generate",
     "response_mask",
+    "SamplingConfig",
     "score_indices",
     "selective_log_softmax",
     "shape_rewards",

@@ -1,0 +1,201 @@
+"""`generate`: one prefill pass over left-padded prompts, then a `lax.scan` decoding one token per
+step for the whole batch over an explicit KV cache. Shapes are static; the config is static."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from rlhf_jax import models
+from rlhf_jax.logprobs import selective_log_softmax
+from rlhf_jax.models.model import Params
+from rlhf_jax.ops import INVALID_LOGPROB, response_mask, truncate_after_stop
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How to sample; frozen and hashable, passed to `generate` as a static argument.
+
+    Attributes:
+      max_new_tokens: response length T (the scan always runs T steps).
+      temperature: logits are divided by it before sampling; returned log-probs use the same
+        temperature-scaled distribution (the one the PPO ratio uses).
+      top_k: keep the k most likely tokens (0: off).
+      top_p: nucleus sampling, keep the smallest set with probability >= top_p (1.0: off).
+      min_p: keep tokens with probability >= min_p * max probability (0.0: off).
+      greedy: take the argmax instead of sampling (log-probs still temperature-scaled).
+      stop_token_ids: a row stops at the first of these (it is kept); afterwards it emits pad.
+      pad_token_id: emitted after the stop token.
+      stop_early: True: rows stop at their stop token (mask 0 afterwards). False: rows keep
+        sampling to T tokens and are truncated afterwards (TRL's `early_stopping=False`; the tokens
+        and mask are identical in distribution, only the random stream differs).
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    stop_early: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0, got {self.temperature}; use greedy=True for argmax"
+            )
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+class Generation(NamedTuple):
+    """Output of `generate` (a pytree).
+
+    Attributes:
+      tokens: int32 `[B, T]` response tokens, `pad_token_id` after the stop token.
+      logprobs: float32 `[B, T]` log-probs of the tokens under the temperature-scaled (unfiltered)
+        distribution; `INVALID_LOGPROB` on padding.
+      mask: bool `[B, T]`, True on real response tokens (the stop token included).
+      sequence_lengths: int32 `[B]`, index of the last real response token.
+      stopped: bool `[B]`, whether the row produced a stop token.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    sequence_lengths: jax.Array
+    stopped: jax.Array
+
+
+def filter_logits(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Sets logits outside the top-k / top-p / min-p sets to -inf (HF order: k, then p, then
+    min-p). `logits_BV` are already temperature-scaled, float32."""
+    neg_inf = jnp.asarray(-jnp.inf, logits_BV.dtype)
+    if config.top_k > 0 and config.top_k < logits_BV.shape[-1]:
+        kth = jax.lax.top_k(logits_BV, config.top_k)[0][..., -1:]
+        logits_BV = jnp.where(logits_BV < kth, neg_inf, logits_BV)
+    if config.top_p < 1.0:
+        sorted_desc = -jnp.sort(-logits_BV, axis=-1)
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = mass_before < config.top_p  # the most likely token is always kept
+        threshold = jnp.min(jnp.where(kept, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits_BV = jnp.where(logits_BV < threshold, neg_inf, logits_BV)
+    if config.min_p > 0.0:
+        log_probs = jax.nn.log_softmax(logits_BV, axis=-1)
+        cutoff = jnp.max(log_probs, axis=-1, keepdims=True) + jnp.log(config.min_p)
+        logits_BV = jnp.where(log_probs < cutoff, neg_inf, logits_BV)
+    return logits_BV
+
+
+def _sample(key: jax.Array, logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    if config.greedy:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BV, config)).astype(jnp.int32)
+
+
+def prompt_positions(prompt_mask_BP: ArrayLike) -> jax.Array:
+    """Position ids of left-padded prompts: the exclusive cumsum of the mask (int32)."""
+    mask = jnp.asarray(prompt_mask_BP, jnp.int32)
+    return jnp.cumsum(mask, axis=-1) - mask
+
+
+def generate(
+    params: Params,
+    model_config: models.ModelConfig,
+    prompt_tokens_BP: ArrayLike,
+    prompt_mask_BP: ArrayLike,
+    key: jax.Array,
+    sampling_config: SamplingConfig,
+) -> Generation:
+    """Samples `sampling_config.max_new_tokens` tokens after each left-padded prompt.
+
+    Args:
+      params, model_config: a causal LM (`head="lm"`).
+      prompt_tokens_BP: int `[B, P]` prompts, left-padded (every row needs >= 1 real token).
+      prompt_mask_BP: `[B, P]`, 1 on real prompt tokens.
+      key: PRNG key; split once per step, so the same key gives the same output, and rows are
+        sampled independently.
+      sampling_config: static.
+    Returns:
+      A `Generation`. Jit it with `sampling_config` (and `model_config`) static.
+    """
+    if model_config.head != "lm":
+        raise ValueError(f"generate needs a causal LM (head='lm'), got head={model_config.head!r}")
+    config = sampling_config
+    tokens_BP = jnp.asarray(prompt_tokens_BP, jnp.int32)
+    mask_BP = jnp.asarray(prompt_mask_BP, bool)
+    if tokens_BP.shape != mask_BP.shape or tokens_BP.ndim != 2:
+        raise ValueError(
+            f"generate: prompt tokens {list(tokens_BP.shape)} and mask {list(mask_BP.shape)} "
+            "must both be [B, P]"
+        )
+    batch, prompt_len = tokens_BP.shape
+    length = config.max_new_tokens
+    stops = jnp.asarray(config.stop_token_ids, jnp.int32)
+    pad = jnp.int32(config.pad_token_id)
+
+    cache = models.init_cache(model_config, batch, prompt_len + length)
+    hidden, cache = models.forward(
+        params, model_config, tokens_BP, prompt_positions(mask_BP), mask_BP, cache
+    )
+    logits_BV = models.lm_logits(params, model_config, hidden[:, -1:])[:, 0]
+    first_position_B = jnp.sum(mask_BP, axis=-1, dtype=jnp.int32)
+
+    def emit(key_t, logits_BV, done_B):
+        """Samples one token per row. Rows already finished emit pad with an invalid log-prob.
+        Returns the token, its log-prob, whether it is real, and the updated finished flags."""
+        scaled = logits_BV.astype(jnp.float32) / config.temperature
+        token_B = _sample(key_t, scaled, config)
+        logprob_B = selective_log_softmax(scaled, token_B)
+        if not config.stop_early:
+            return token_B, logprob_B, jnp.ones_like(done_B), done_B
+        real_B = jnp.logical_not(done_B)
+        token_B = jnp.where(real_B, token_B, pad)
+        logprob_B = jnp.where(real_B, logprob_B, INVALID_LOGPROB)
+        done_B = done_B | jnp.any(token_B[:, None] == stops, axis=-1)
+        return token_B, logprob_B, real_B, done_B
+
+    def step(carry, inputs):
+        cache, token_B, real_B, done_B = carry
+        key_t, t = inputs
+        hidden, cache = models.forward(
+            params,
+            model_config,
+            token_B[:, None],
+            (first_position_B + t - 1)[:, None],
+            real_B[:, None],
+            cache,
+        )
+        logits_BV = models.lm_logits(params, model_config, hidden)[:, 0]
+        token_B, logprob_B, real_B, done_B = emit(key_t, logits_BV, done_B)
+        return (cache, token_B, real_B, done_B), (token_B, logprob_B)
+
+    keys = jax.random.split(key, length)
+    token0_B, logprob0_B, real0_B, done0_B = emit(keys[0], logits_BV, jnp.zeros((batch,), bool))
+    _, (tokens_TB, logprobs_TB) = jax.lax.scan(
+        step,
+        (cache, token0_B, real0_B, done0_B),
+        (keys[1:], jnp.arange(1, length, dtype=jnp.int32)),
+    )
+    tokens_BT = jnp.concatenate([token0_B[:, None], tokens_TB.T], axis=1)
+    logprobs_BT = jnp.concatenate([logprob0_B[:, None], logprobs_TB.T], axis=1)
+
+    tokens_BT, lengths_B = truncate_after_stop(tokens_BT, stops, pad)
+    mask_BT = response_mask(lengths_B, length)
+    logprobs_BT = jnp.where(mask_BT, logprobs_BT, INVALID_LOGPROB)
+    is_stop_BT = jnp.any(tokens_BT[..., None] == stops, axis=-1) & mask_BT
+    return Generation(tokens_BT, logprobs_BT, mask_BT, lengths_B, jnp.any(is_stop_BT, axis=-1))

@@ -1,0 +1,239 @@
+"""`generate` against transformers' greedy decoding, its own full forward pass, and the sampling
+distribution it claims (filters and a chi-square test)."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_utils import EOS_ID, PAD_ID, state_dict_numpy, tiny_hf_model
+
+import rlhf_jax as rj
+from rlhf_jax import models
+from rlhf_jax.models.hf import config_from_hf, hf_to_params
+from rlhf_jax.sampling import SamplingConfig, filter_logits, generate, prompt_positions
+
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+jit_generate = jax.jit(generate, static_argnums=(1, 5))
+
+
+def ours(hf_model):
+    config = config_from_hf(hf_model.config)
+    return hf_to_params(state_dict_numpy(hf_model), config), config
+
+
+def left_padded_prompts(batch=3, length=7, vocab=128, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(batch, length))
+    real = [length, length - 3, 2][:batch] + [length] * max(0, batch - 3)
+    mask = np.arange(length)[None, :] >= (length - np.array(real))[:, None]
+    return np.where(mask, tokens, PAD_ID), mask.astype(np.int32)
+
+
+def hf_greedy(hf_model, tokens, mask, new_tokens, eos=None):
+    with torch.no_grad():
+        out = hf_model.generate(
+            input_ids=torch.as_tensor(tokens),
+            attention_mask=torch.as_tensor(mask),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=0,
+            pad_token_id=PAD_ID,
+            eos_token_id=eos,
+        )
+    response = out[:, tokens.shape[1] :].numpy()
+    return np.pad(response, ((0, 0), (0, new_tokens - response.shape[1])), constant_values=PAD_ID)
+
+
+@functools.cache
+def llama():
+    hf_model = tiny_hf_model("llama", seed=3)
+    return (hf_model, *ours(hf_model))
+
+
+def full_logits(params, config, prompt, prompt_mask, response, response_mask):
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    hidden, _ = models.forward(params, config, tokens, prompt_positions(mask), mask)
+    logits = models.lm_logits(params, config, hidden)
+    return np.asarray(logits[:, prompt.shape[1] - 1 : -1], np.float64)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_matches_transformers(family):
+    hf_model = tiny_hf_model(family, seed=1)
+    params, config = ours(hf_model)
+    tokens, mask = left_padded_prompts()
+    cfg = SamplingConfig(max_new_tokens=10, greedy=True, pad_token_id=PAD_ID)
+    out = jit_generate(params, config, tokens, mask, jax.random.key(0), cfg)
+    np.testing.assert_array_equal(out.tokens, hf_greedy(hf_model, tokens, mask, 10))
+    assert bool(jnp.all(out.mask)) and not bool(jnp.any(out.stopped))
+
+
+def test_greedy_stop_handling_matches_transformers():
+    hf_model, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=3)
+    free = np.asarray(
+        jit_generate(
+            params,
+            config,
+            tokens,
+            mask,
+            jax.random.key(0),
+            SamplingConfig(max_new_tokens=10, greedy=True),
+        ).tokens
+    )
+    stop = int(free[0, 3])  # row 0 stops at index <= 3; other rows stop where they meet it
+    cfg = SamplingConfig(
+        max_new_tokens=10, greedy=True, stop_token_ids=(stop, EOS_ID), pad_token_id=PAD_ID
+    )
+    out = jit_generate(params, config, tokens, mask, jax.random.key(0), cfg)
+    want = hf_greedy(hf_model, tokens, mask, 10, eos=[stop, EOS_ID])
+    np.testing.assert_array_equal(out.tokens, want)
+    for row, length, stopped, row_mask in zip(want, out.sequence_lengths, out.stopped, out.mask):
+        hits = [i for i, t in enumerate(row) if t in (stop, EOS_ID)]
+        assert int(length) == (hits[0] if hits else 9)
+        assert bool(stopped) == bool(hits)
+        np.testing.assert_array_equal(row_mask, np.arange(10) <= int(length))
+        assert np.all(row[int(length) + 1 :] == PAD_ID)
+    assert int(out.sequence_lengths[0]) <= 3
+
+
+@pytest.mark.parametrize("stop_early", [True, False])
+def test_logprobs_equal_a_full_forward_pass(stop_early):
+    _, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=4)
+    cfg = SamplingConfig(
+        max_new_tokens=12,
+        temperature=0.7,
+        stop_token_ids=(5, 6, 7),
+        pad_token_id=PAD_ID,
+        stop_early=stop_early,
+    )
+    out = jit_generate(params, config, tokens, mask, jax.random.key(3), cfg)
+    logits = full_logits(params, config, tokens, mask, out.tokens, out.mask) / 0.7
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    want = np.take_along_axis(logits, np.asarray(out.tokens)[..., None], -1)[..., 0] - log_z
+    got = np.asarray(out.logprobs)
+    m = np.asarray(out.mask)
+    np.testing.assert_allclose(got[m], want[m], atol=1e-5)
+    assert np.all(got[~m] == rj.INVALID_LOGPROB)
+    assert np.all(np.asarray(out.tokens)[~m] == PAD_ID)
+
+
+def np_allowed(logits, top_k=0, top_p=1.0, min_p=0.0):
+    """Allowed-token sets from the definitions (HF order: top-k, then top-p, then min-p)."""
+    allowed = np.ones(logits.shape, bool)
+    for idx in np.ndindex(*logits.shape[:-1]):
+        row = logits[idx].copy()
+        keep = np.ones(row.shape, bool)
+        if top_k:
+            keep &= row >= np.sort(row)[-top_k]
+        if top_p < 1.0:
+            probs = np.exp(np.where(keep, row, -np.inf) - row[keep].max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")
+            mass = 0.0
+            nucleus = np.zeros(row.shape, bool)
+            for j in order:
+                if mass >= top_p:
+                    break
+                nucleus[j] = True
+                mass += probs[j]
+            keep &= nucleus | (row >= row[nucleus].min())
+        if min_p > 0.0:
+            probs = np.exp(np.where(keep, row, -np.inf) - row[keep].max())
+            keep &= probs >= min_p * probs.max() * (1 - 1e-6)
+        allowed[idx] = keep
+    return allowed
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2), dict(top_k=20, top_p=0.9, min_p=0.05)],
+)
+def test_filters_never_emit_outside_the_allowed_set(filters):
+    _, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=3)
+    tokens, mask = np.tile(tokens, (40, 1)), np.tile(mask, (40, 1))
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.3, pad_token_id=PAD_ID, **filters)
+    out = jit_generate(params, config, tokens, mask, jax.random.key(7), cfg)
+    logits = full_logits(params, config, tokens, mask, out.tokens, out.mask) / 1.3
+    allowed = np_allowed(logits, **filters)
+    picked = np.take_along_axis(allowed, np.asarray(out.tokens)[..., None], -1)[..., 0]
+    assert picked.all(), f"{(~picked).sum()} sampled tokens outside the {filters} set"
+    jax_allowed = np.isfinite(
+        np.asarray(
+            filter_logits(jnp.asarray(logits, jnp.float32).reshape(-1, logits.shape[-1]), cfg)
+        )
+    )
+    assert (jax_allowed == allowed.reshape(jax_allowed.shape)).mean() > 0.999
+
+
+def test_unfiltered_frequencies_match_the_softmax():
+    _, params, config = llama()
+    n = 4000
+    tokens, mask = left_padded_prompts(batch=1)
+    tokens, mask = np.tile(tokens, (n, 1)), np.tile(mask, (n, 1))
+    out = jit_generate(
+        params, config, tokens, mask, jax.random.key(11), SamplingConfig(max_new_tokens=1)
+    )
+    logits = full_logits(params, config, tokens[:1], mask[:1], out.tokens[:1], out.mask[:1])[0, 0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    counts = np.bincount(np.asarray(out.tokens[:, 0]), minlength=probs.size)
+    expected = probs * n
+    big = expected >= 5  # pool rare tokens into one bin
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    z = 3.09  # p = 0.001, Wilson-Hilferty approximation of the chi-square quantile
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical, dof)
+
+
+def test_same_key_same_output_and_independent_rows():
+    _, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=1)
+    tokens, mask = np.tile(tokens, (8, 1)), np.tile(mask, (8, 1))
+    cfg = SamplingConfig(max_new_tokens=6, pad_token_id=PAD_ID)
+    a = jit_generate(params, config, tokens, mask, jax.random.key(5), cfg)
+    b = jit_generate(params, config, tokens, mask, jax.random.key(5), cfg)
+    c = jit_generate(params, config, tokens, mask, jax.random.key(6), cfg)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert len({tuple(r) for r in np.asarray(a.tokens)}) > 1, (
+        "identical prompts gave identical rows"
+    )
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_compiles_once_for_repeated_calls():
+    _, params, config = llama()
+    chex.clear_trace_counter()
+    fn = jax.jit(chex.assert_max_traces(generate, n=1), static_argnums=(1, 5))
+    cfg = SamplingConfig(max_new_tokens=3, stop_token_ids=(EOS_ID,), pad_token_id=PAD_ID)
+    for seed in range(3):
+        tokens, mask = left_padded_prompts(batch=3, seed=seed)
+        jax.block_until_ready(fn(params, config, tokens, mask, jax.random.key(seed), cfg))
+
+
+def test_bad_config_and_inputs():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingConfig(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingConfig(max_new_tokens=4, top_p=1.5)
+    _, params, config = llama()
+    with pytest.raises(ValueError, match="must both be"):
+        generate(
+            params,
+            config,
+            np.zeros((2, 3), int),
+            np.ones((2, 4), int),
+            jax.random.key(0),
+            SamplingConfig(max_new_tokens=2),
+        )
