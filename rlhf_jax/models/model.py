@@ -1,0 +1,443 @@
+"""One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2 and Qwen3.
+
+Layers are an `nn.scan` (params and KV cache carry a leading layer axis, so compile time does not
+grow with depth). The KV cache is an explicit pytree argument and return value. Functions take
+plain nested param dicts; `ModelConfig` is static.
+
+Param tree (L = num_layers, D = hidden, H/N = query/kv heads, K = head_dim, F = mlp, V = vocab):
+
+    embed/embedding [V, D]                 pos_embed/embedding [P, D]      (learned positions)
+    layers/attn_norm/{scale, bias} [L, D]   layers/mlp_norm/{scale, bias} [L, D]  (bias: layernorm)
+    layers/attn/q/{kernel [L, D, H, K], bias [L, H, K]}
+    layers/attn/k, v/{kernel [L, D, N, K], bias [L, N, K]}
+    layers/attn/o/{kernel [L, H, K, D], bias [L, D]}
+    layers/attn/q_norm, k_norm/scale [L, K]                                   (qk_norm)
+    layers/mlp/{gate, up}/{kernel [L, D, F], bias [L, F]}   layers/mlp/down/{kernel [L, F, D], ...}
+    final_norm/{scale, bias} [D]
+    lm_head/kernel [D, V] (head "lm", untied)      score/kernel [D, num_labels] (head "score")
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from rlhf_jax.models.config import ModelConfig
+
+Params = dict[str, Any]
+_F32 = jnp.float32
+
+
+class KVCache(flax.struct.PyTreeNode):
+    """Explicit key/value cache for all layers (a pytree).
+
+    Attributes:
+      k, v: `[num_layers, B, max_len, num_kv_heads, head_dim]`, post-RoPE keys and values.
+      mask: bool `[B, max_len]`, True where a slot holds a real (non-pad) token.
+      index: int32 scalar, the next slot to write.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_len: int, dtype: Any | None = None
+) -> KVCache:
+    """Empty cache: zero k/v (`dtype`, default the compute dtype), mask all False, index 0."""
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    dtype = config.compute_dtype if dtype is None else dtype
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        mask=jnp.zeros((batch_size, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+def _constrain(x: jax.Array, *axes: str | None) -> jax.Array:
+    return nn.with_logical_constraint(x, axes)
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return jax.nn.gelu(x, approximate=True)
+    return jax.nn.relu(x)
+
+
+class Dense(nn.Module):
+    """`y = x @ kernel (+ bias)`, contracting the last `in_dims` axes of x.
+
+    The kernel has shape `x.shape[-in_dims:] + features` and logical axes `axes`; the bias has
+    shape `features` and the trailing `len(features)` axis names.
+    """
+
+    config: ModelConfig
+    features: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    use_bias: bool
+    in_dims: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(init, self.axes),
+            x.shape[x.ndim - self.in_dims :] + self.features,
+            c.params_dtype,
+        )
+        dtype = c.compute_dtype
+        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.in_dims)
+        if self.use_bias:
+            bias_axes = self.axes[len(self.axes) - len(self.features) :]
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
+                self.features,
+                c.params_dtype,
+            )
+            y = y + bias.astype(dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm (scale and bias) or RMSNorm (scale) over the last axis, computed in float32."""
+
+    config: ModelConfig
+    kind: str
+    axis_name: str = "embed"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = (x.shape[-1],)
+        axes = (self.axis_name,)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, axes), shape, c.params_dtype
+        )
+        x = x.astype(_F32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        y = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
+        y = y * scale.astype(_F32)
+        if self.kind == "layernorm":
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, axes),
+                shape,
+                c.params_dtype,
+            )
+            y = y + bias.astype(_F32)
+        return y.astype(c.compute_dtype)
+
+
+def _inv_freq(config: ModelConfig, positions_BT: jax.Array) -> jax.Array:
+    """RoPE inverse frequencies `[rotary_dim // 2]` float32, with HF rope scaling applied."""
+    dim = config.rotary_dim
+    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    scaling = dict(config.rope_scaling or ())
+    rope_type = scaling.get("rope_type")
+    if rope_type == "dynamic":
+        # NTK scaling from the largest position in the call, as transformers does per forward.
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.maximum(jnp.max(positions_BT) + 1, max_pos).astype(_F32)
+        factor = scaling["factor"]
+        base = config.rope_theta * (factor * seq_len / max_pos - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / base ** jnp.asarray(exponents)
+    inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return jnp.asarray(inv_freq, _F32)
+
+
+def rope_tables(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Float32 `(cos, sin)`, each `[B, T, rotary_dim]` (HF layout: frequencies repeated twice)."""
+    angles = positions_BT.astype(_F32)[..., None] * _inv_freq(config, positions_BT)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on the first `rotary_dim` features of each head (float32 math)."""
+    rot_dim = cos_BTR.shape[-1]
+    x = x_BTHK.astype(_F32)
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    x_rot = x_rot * cos_BTR[:, :, None] + rotated * sin_BTR[:, :, None]
+    return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BTHK.dtype)
+
+
+def _attend(
+    q_BTHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array, allowed_BTS: jax.Array, scale
+) -> jax.Array:
+    """Grouped-query softmax attention; scores and softmax in float32.
+
+    Query head h reads kv head `h // (H // N)` (HF `repeat_kv` order). Rows with no allowed key
+    get uniform weights (finite, never NaN).
+    """
+    b, t, h, d = q_BTHK.shape
+    n = k_BSNK.shape[2]
+    q_BTNGK = q_BTHK.reshape(b, t, n, h // n, d)
+    scores = jnp.einsum("btngk,bsnk->bngts", q_BTNGK, k_BSNK, preferred_element_type=_F32)
+    scores = scores * scale
+    scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSNK.dtype)
+    out = jnp.einsum("bngts,bsnk->btngk", probs, v_BSNK)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, rope, allowed_BTS, layer_idx, kv, index):
+        c = self.config
+        heads = (c.num_heads, c.head_dim)
+        kv_heads = (c.num_kv_heads, c.head_dim)
+        q = Dense(c, heads, ("embed", "heads", "head_dim"), c.attn_bias, name="q")(x_BTD)
+        k = Dense(c, kv_heads, ("embed", "kv_heads", "head_dim"), c.attn_bias, name="k")(x_BTD)
+        v = Dense(c, kv_heads, ("embed", "kv_heads", "head_dim"), c.attn_bias, name="v")(x_BTD)
+        if c.qk_norm:
+            q = Norm(c, "rmsnorm", "head_dim", name="q_norm")(q)
+            k = Norm(c, "rmsnorm", "head_dim", name="k_norm")(k)
+        if rope is not None:
+            q = _apply_rope(q, *rope)
+            k = _apply_rope(k, *rope)
+        q = _constrain(q, "batch", "length", "act_heads", None)
+        k = _constrain(k, "batch", "length", "act_kv_heads", None)
+        v = _constrain(v, "batch", "length", "act_kv_heads", None)
+        if kv is not None:
+            cache_k, cache_v = kv
+            k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
+            v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
+            k = _constrain(k, "batch", "cache_length", "act_kv_heads", None)
+            v = _constrain(v, "batch", "cache_length", "act_kv_heads", None)
+            kv = (k, v)
+        scale = c.head_dim**-0.5 if c.attn_scale else 1.0
+        if c.attn_scale_by_inverse_layer:
+            scale = scale / (layer_idx + 1).astype(_F32)
+        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS, scale)
+        out = _constrain(out, "batch", "length", "act_heads", None)
+        o = Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), c.attn_out_bias, 2, name="o")
+        return o(out), kv
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        c = self.config
+        f = (c.intermediate_size,)
+        h = Dense(c, f, ("embed", "mlp"), c.mlp_bias, name="up")(x_BTD)
+        if c.mlp == "gated":
+            gate = Dense(c, f, ("embed", "mlp"), c.mlp_bias, name="gate")(x_BTD)
+            h = _activation(c.activation, gate) * h
+        else:
+            h = _activation(c.activation, h)
+        h = _constrain(h, "batch", "length", "act_mlp")
+        return Dense(c, (c.hidden_size,), ("mlp", "embed"), c.mlp_bias, name="down")(h)
+
+
+class Block(nn.Module):
+    """One decoder layer; the `nn.scan` body: `(h, (layer_idx, kv)) -> (h, kv)`."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_BTD, xs, rope, allowed_BTS, index):
+        c = self.config
+        layer_idx, kv = xs
+        attn = Attention(c, name="attn")
+        attn_out, kv = attn(
+            Norm(c, c.norm, name="attn_norm")(h_BTD), rope, allowed_BTS, layer_idx, kv, index
+        )
+        mlp_norm, mlp = Norm(c, c.norm, name="mlp_norm"), MLP(c, name="mlp")
+        if c.parallel_residual:
+            h_BTD = h_BTD + attn_out + mlp(mlp_norm(h_BTD))
+        else:
+            h_BTD = h_BTD + attn_out
+            h_BTD = h_BTD + mlp(mlp_norm(h_BTD))
+        return _constrain(h_BTD, "batch", "length", "act_embed"), kv
+
+
+class Transformer(nn.Module):
+    """Decoder LM; `__call__` gives final-normed hidden states, `logits`/`scores` the heads."""
+
+    config: ModelConfig
+
+    def setup(self) -> None:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        self.embed = nn.Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=c.compute_dtype,
+            param_dtype=c.params_dtype,
+            embedding_init=nn.with_logical_partitioning(init, ("vocab", "embed")),
+        )
+        if c.positions == "learned":
+            self.pos_embed = nn.Embed(
+                c.max_position_embeddings,
+                c.hidden_size,
+                dtype=c.compute_dtype,
+                param_dtype=c.params_dtype,
+                embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
+            )
+        block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c)
+        self.final_norm = Norm(c, c.norm)
+        if c.head == "lm" and not c.tie_embeddings:
+            self.lm_head = Dense(c, (c.vocab_size,), ("embed", "vocab"), False)
+        if c.head == "score":
+            self.score = Dense(c, (c.num_labels,), ("embed", None), False)
+
+    def __call__(self, tokens_BT, positions_BT, mask_BT, cache):
+        c = self.config
+        mask_BT = mask_BT.astype(bool)
+        h = self.embed(tokens_BT)
+        if c.positions == "learned":
+            h = h + self.pos_embed(positions_BT)
+        h = _constrain(h, "batch", "length", "act_embed")
+        rope = rope_tables(c, positions_BT) if c.positions == "rope" else None
+        t = tokens_BT.shape[1]
+        if cache is None:
+            causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+            allowed_BTS = causal_TT[None] & mask_BT[:, None, :]
+            kv, index, kv_mask = None, None, None
+        else:
+            index = cache.index
+            kv_mask = lax.dynamic_update_slice(cache.mask, mask_BT, (0, index))
+            q_slot_T = index + jnp.arange(t)
+            causal_TS = jnp.arange(cache.mask.shape[1])[None, :] <= q_slot_T[:, None]
+            allowed_BTS = causal_TS[None] & kv_mask[:, None, :]
+            kv = (cache.k, cache.v)
+        layer_ids = jnp.arange(c.num_layers)
+        h, kv = self.layers(h, (layer_ids, kv), rope, allowed_BTS, index)
+        h = self.final_norm(h)
+        if cache is None:
+            return h, None
+        return h, KVCache(k=kv[0], v=kv[1], mask=kv_mask, index=index + t)
+
+    def logits(self, hidden_BTD):
+        c = self.config
+        if c.head != "lm" and not c.tie_embeddings:
+            raise ValueError("lm_logits needs head='lm' or tied embeddings; this is a score model")
+        logits = self.embed.attend(hidden_BTD) if c.tie_embeddings else self.lm_head(hidden_BTD)
+        return _constrain(logits, "batch", "length", "act_vocab")
+
+    def scores(self, hidden_BTD):
+        if self.config.head != "score":
+            raise ValueError("score needs a config with head='score'")
+        return self.score(hidden_BTD)
+
+    def init_all(self, tokens_BT):
+        """Touches every submodule so `init` creates all params."""
+        h, _ = self(tokens_BT, tokens_BT, tokens_BT >= 0, None)
+        return self.logits(h) if self.config.head == "lm" else self.scores(h)
+
+
+def _init_variables(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(key, tokens, method=Transformer.init_all)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init_params(config: ModelConfig, key: jax.Array) -> Params:
+    """Random params (normal(initializer_range) kernels, zero biases, unit norms), `param_dtype`.
+
+    A plain nested dict of arrays (no partitioning boxes). Jitted (`config` static); for sharded
+    init wrap it again: `jax.jit(init_params, static_argnums=0, out_shardings=...)`.
+    """
+    return nn.meta.unbox(_init_variables(config, key)["params"])
+
+
+def logical_axes(config: ModelConfig) -> Any:
+    """Params-shaped tree of `PartitionSpec`s of logical axis names (no computation)."""
+    abstract = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
+    return nn.get_partition_spec(abstract)["params"]
+
+
+def forward(
+    params: Params,
+    config: ModelConfig,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    mask_BT: jax.Array,
+    cache: KVCache | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final-normed hidden states `[B, T, D]` (compute dtype) and the updated cache.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: int position ids (use the exclusive cumsum of the mask for left-padded rows;
+        learned positions must be < max_position_embeddings).
+      mask_BT: bool/int, 1 where the token is real.
+      cache: None for a full pass: each query attends to keys `j <= i` with `mask[j]`.
+        Otherwise the k/v of the T tokens go to slots `[index, index + T)` (the caller keeps
+        `index + T <= max_len`), `mask_BT` to `cache.mask` there, and query `i` (slot
+        `index + i`) attends to slots `j <= index + i` with `cache.mask[j]`; index advances by T.
+        Prefill (T = prompt length) and decode (T = 1) are the same code; `index` may be traced.
+
+    Rows of pad queries are finite but meaningless.
+    """
+    return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, mask_BT, cache)
+
+
+def lm_logits(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
+    """LM logits `[B, T, V]` in the compute dtype (tied embedding or `lm_head`)."""
+    return Transformer(config).apply({"params": params}, hidden_BTD, method=Transformer.logits)
+
+
+def score(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
+    """Sequence-classification head `[B, T, num_labels]` (HF `score`, no bias) at every position."""
+    return Transformer(config).apply({"params": params}, hidden_BTD, method=Transformer.scores)
+
+
+def sequence_scores(
+    params: Params,
+    config: ModelConfig,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    mask_BT: jax.Array,
+) -> jax.Array:
+    """Reward-model output `[B, num_labels]`: the score at the last real (mask = 1) token of each
+    row, like HF sequence classification reading the last non-pad token. All-pad rows read 0."""
+    hidden_BTD, _ = forward(params, config, tokens_BT, positions_BT, mask_BT)
+    t = tokens_BT.shape[1]
+    last_B = jnp.max(jnp.where(mask_BT.astype(bool), jnp.arange(t), 0), axis=1)
+    hidden_B1D = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)
+    return score(params, config, hidden_B1D)[:, 0]

@@ -1,0 +1,303 @@
+"""Parity of `rlhf_jax.models` with transformers' PyTorch models on tiny random weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hf_utils import PAD_ID, VOCAB_SIZE, state_dict_numpy, tiny_hf_model, torch_logits
+
+from rlhf_jax.models import (
+    KVCache,
+    ModelConfig,
+    forward,
+    init_cache,
+    init_params,
+    lm_logits,
+    logical_axes,
+    sequence_scores,
+)
+from rlhf_jax.models.hf import config_from_hf, hf_to_params
+
+ATOL = 1e-4
+# name -> (HF family, config overrides); together they cover every flag of ModelConfig.
+VARIANTS = {
+    "gpt2": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    "gpt_neox": ("gpt_neox", {}),
+    "gpt_neox_sequential": (
+        "gpt_neox",
+        dict(use_parallel_residual=False, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "llama": ("llama", {}),
+    "llama_bias_llama3_tied": (
+        "llama",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "mistral": ("mistral", dict(rope_theta=500.0)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(rope_theta=1e6)),
+}
+FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3"]
+
+
+@functools.cache
+def reference(name: str, head: str = "lm"):
+    """(torch model, our params, our config) for a variant."""
+    family, overrides = VARIANTS[name]
+    model = tiny_hf_model(family, head=head, **overrides)
+    config = config_from_hf(model.config)
+    params = jax.tree.map(jnp.asarray, hf_to_params(state_dict_numpy(model), config))
+    return model, params, config
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def logits_fn(params, config, tokens_BT, positions_BT, mask_BT):
+    hidden_BTD, _ = forward(params, config, tokens_BT, positions_BT, mask_BT)
+    return lm_logits(params, config, hidden_BTD)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def cached_logits_fn(params, config, tokens_BT, positions_BT, mask_BT, cache):
+    hidden_BTD, cache = forward(params, config, tokens_BT, positions_BT, mask_BT, cache)
+    return lm_logits(params, config, hidden_BTD), cache
+
+
+sequence_scores_fn = jax.jit(sequence_scores, static_argnums=1)
+
+
+def random_tokens(shape, seed=0):
+    return np.random.default_rng(seed).integers(3, VOCAB_SIZE, shape)
+
+
+def left_padded(lengths, t, seed=0):
+    """Tokens, mask and exclusive-cumsum positions of left-padded rows of the given lengths."""
+    mask = np.arange(t)[None, :] >= t - np.asarray(lengths)[:, None]
+    tokens = np.where(mask, random_tokens((len(lengths), t), seed), PAD_ID)
+    positions = np.cumsum(mask, axis=1) - mask
+    return tokens, mask, positions
+
+
+# One batch shape [3, 12] for all full passes, so each variant compiles `logits_fn` once.
+B, T = 3, 12
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_logits_match_torch(name):
+    model, params, config = reference(name)
+    tokens = random_tokens((B, T))
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    ours = logits_fn(params, config, tokens, positions, np.ones((B, T), bool))
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+def test_dynamic_rope_beyond_max_positions_matches_torch():
+    model = tiny_hf_model(
+        "llama", max_position_embeddings=8, rope_scaling={"rope_type": "dynamic", "factor": 2.0}
+    )
+    config = config_from_hf(model.config)
+    params = hf_to_params(state_dict_numpy(model), config)
+    tokens = random_tokens((B, T))
+    positions = np.broadcast_to(np.arange(T), (B, T))
+    ours = logits_fn(params, config, tokens, positions, np.ones((B, T), bool))
+    np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_left_padded_batch_matches_rows_alone(name):
+    """Real tokens of a left-padded batch get the logits of each row run alone (torch, no
+    padding) and of torch given the same attention mask and position ids."""
+    model, params, config = reference(name)
+    lengths = [12, 7, 3]
+    tokens, mask, positions = left_padded(lengths, T)
+    ours = np.asarray(logits_fn(params, config, tokens, positions, mask))
+    assert np.isfinite(ours).all()
+    np.testing.assert_allclose(
+        ours[mask], torch_logits(model, tokens, mask, positions)[mask], atol=ATOL, rtol=0
+    )
+    for row, n in enumerate(lengths):
+        alone = torch_logits(model, tokens[row : row + 1, T - n :])
+        np.testing.assert_allclose(ours[row, T - n :], alone[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_prefill_and_decode_match_full_pass(name):
+    _, params, config = reference(name)
+    prompt_len, steps, max_len = 8, 4, 16
+    assert prompt_len + steps == T
+    prompt, prompt_mask, _ = left_padded([8, 5, 2], prompt_len, seed=1)
+    new_tokens = random_tokens((B, steps), seed=2)
+    new_mask = np.ones((B, steps), bool)
+    new_mask[2, 1] = False  # a pad in the middle of decoding (e.g. a finished row)
+    tokens = np.concatenate([prompt, new_tokens], axis=1)
+    mask = np.concatenate([prompt_mask, new_mask], axis=1)
+    positions = np.cumsum(mask, axis=1) - mask
+    full = np.asarray(logits_fn(params, config, tokens, positions, mask))
+
+    cache = init_cache(config, B, max_len)
+    sl = slice(0, prompt_len)
+    logits, cache = cached_logits_fn(
+        params, config, tokens[:, sl], positions[:, sl], mask[:, sl], cache
+    )
+    np.testing.assert_allclose(
+        np.asarray(logits)[mask[:, sl]], full[:, sl][mask[:, sl]], atol=ATOL, rtol=0
+    )
+    for i in range(prompt_len, prompt_len + steps):
+        sl = slice(i, i + 1)
+        logits, cache = cached_logits_fn(
+            params, config, tokens[:, sl], positions[:, sl], mask[:, sl], cache
+        )
+        real = mask[:, i]
+        np.testing.assert_allclose(np.asarray(logits)[real, 0], full[real, i], atol=ATOL, rtol=0)
+    assert int(cache.index) == prompt_len + steps
+    np.testing.assert_array_equal(cache.mask[:, : prompt_len + steps], mask)
+    assert not cache.mask[:, prompt_len + steps :].any()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reward_score_matches_torch_sequence_classification(name):
+    model, params, config = reference(name, head="score")
+    assert config.head == "score" and config.num_labels == 1
+    lengths = [12, 9, 4]
+    mask = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
+    tokens = np.where(mask, random_tokens((B, T), seed=3), PAD_ID)
+    positions = np.cumsum(mask, axis=1) - mask
+    ours = sequence_scores_fn(params, config, tokens, positions, mask)
+    assert ours.shape == (B, 1)
+    np.testing.assert_allclose(ours, torch_logits(model, tokens, mask), atol=ATOL, rtol=0)
+
+
+def test_forward_compiles_once():
+    _, params, config = reference("llama")
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, tokens_BT, positions_BT, mask_BT, cache):
+        return forward(params, config, tokens_BT, positions_BT, mask_BT, cache)
+
+    cache = init_cache(config, 2, 8)
+    for i in range(3):
+        tokens = random_tokens((2, 1), seed=i)
+        _, cache = step(params, tokens, np.full((2, 1), i), np.ones((2, 1), bool), cache)
+    assert int(cache.index) == 3
+
+
+def test_logical_axes_match_params():
+    for name in ("gpt2", "qwen3"):
+        _, params, config = reference(name)
+        axes = logical_axes(config)
+        assert jax.tree.structure(params) == jax.tree.structure(
+            axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
+        for leaf, spec in zip(
+            jax.tree.leaves(params),
+            jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+            strict=True,
+        ):
+            assert len(spec) == leaf.ndim
+    axes = logical_axes(config)
+    assert axes["layers"]["attn"]["q"]["kernel"] == jax.sharding.PartitionSpec(
+        "layers", "embed", "heads", "head_dim"
+    )
+    assert axes["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
+
+
+@pytest.mark.slow
+def test_init_params_bfloat16():
+    config = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    )
+    params = init_params(config, jax.random.key(0))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+    assert params["layers"]["attn"]["q"]["kernel"].shape == (3, 32, 4, 8)
+    tokens = random_tokens((2, 5)) % 64
+    positions = np.broadcast_to(np.arange(5), (2, 5))
+    hidden, cache = jax.jit(forward, static_argnums=1)(
+        params, config, tokens, positions, np.ones((2, 5), bool)
+    )
+    assert hidden.dtype == jnp.bfloat16 and cache is None
+    assert np.isfinite(np.asarray(hidden, np.float32)).all()
+
+
+@pytest.mark.slow
+def test_remat_gives_same_gradients():
+    _, params, config = reference("llama")
+    tokens = random_tokens((1, 4))
+    positions, mask = np.arange(4)[None], np.ones((1, 4), bool)
+
+    def loss(params, config):
+        hidden, _ = forward(params, config, tokens, positions, mask)
+        return jnp.mean(lm_logits(params, config, hidden) ** 2)
+
+    grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
+    chex.assert_trees_all_close(
+        grad_fn(params, config), grad_fn(params, dataclasses.replace(config, remat=True)), atol=1e-6
+    )
+
+
+def test_cache_dtype_and_pytree():
+    config = reference("qwen3")[2]
+    cache = init_cache(config, 2, 8, dtype=jnp.bfloat16)
+    assert cache.k.shape == (2, 2, 8, 2, 32) and cache.k.dtype == jnp.bfloat16
+    assert cache.mask.dtype == jnp.bool_ and cache.index.dtype == jnp.int32
+    leaves = jax.tree.leaves(cache)
+    assert len(leaves) == 4
+    assert isinstance(jax.tree.unflatten(jax.tree.structure(cache), leaves), KVCache)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(family="opt"), "family"),
+        (dict(num_kv_heads=3), "num_kv_heads"),
+        (dict(norm="batchnorm"), "norm"),
+        (dict(activation="swish"), "activation"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(rotary_pct=0.1), "rotary"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), "yarn"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 2.0}), "missing"),
+        (dict(attn_bias=True), "attn_bias"),  # mistral has no biases
+        (dict(hidden_size=0), "hidden_size"),
+    ],
+)
+def test_config_validation(change, message):
+    base = dict(
+        family="mistral",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
+    hash(ModelConfig(**base))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**(base | change))
