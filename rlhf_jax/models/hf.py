@@ -64,11 +64,12 @@ _ARCH_STEM = {
 _IGNORED = re.compile(r"(\.attn\.(bias|masked_bias)|\.attention\.(bias|masked_bias)|\.inv_freq)$")
 
 
-def _architecture(config: ModelConfig) -> str:
-    stem = _ARCH_STEM[config.family]
-    if config.head == "score":
+def _architecture(family: str, head: str) -> str:
+    """The transformers class name of a family's causal LM ("lm") or sequence classifier."""
+    stem = _ARCH_STEM[family]
+    if head == "score":
         return f"{stem}ForSequenceClassification"
-    return "GPT2LMHeadModel" if config.family == "gpt2" else f"{stem}ForCausalLM"
+    return "GPT2LMHeadModel" if family == "gpt2" else f"{stem}ForCausalLM"
 
 
 # ----------------------------------------------------------------------------- configs
@@ -108,15 +109,13 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     if family not in _PREFIX:
         raise ValueError(f"unsupported model_type {family!r}; supported: {sorted(_PREFIX)}")
     head = "lm"
+    heads = {_architecture(family, h): h for h in ("lm", "score")}
     for arch in getattr(hf, "architectures", None) or []:
-        lm_archs = (f"{_ARCH_STEM[family]}ForCausalLM", "GPT2LMHeadModel")
-        if arch.endswith("ForSequenceClassification"):
-            head = "score"
-        elif arch not in lm_archs:
+        if arch not in heads:
             raise ValueError(
-                f"unsupported architecture {arch!r}; expected {lm_archs[0]} or "
-                f"{_ARCH_STEM[family]}ForSequenceClassification"
+                f"unsupported architecture {arch!r} for {family}; expected one of {list(heads)}"
             )
+        head = heads[arch]
     if _has_sliding_window(hf):
         raise ValueError(f"{family}: sliding-window attention is not supported")
     eos = hf.eos_token_id
@@ -202,7 +201,7 @@ def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
     """The transformers config of `config`'s family (architectures set for the head)."""
     c = config
     kwargs: dict[str, Any] = dict(
-        architectures=[_architecture(c)],
+        architectures=[_architecture(c.family, c.head)],
         vocab_size=c.vocab_size,
         tie_word_embeddings=c.tie_embeddings,
         initializer_range=c.initializer_range,

@@ -1,0 +1,251 @@
+"""HF checkpoint interop: config mapping, load/save round trips through transformers, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from hf_utils import VOCAB_SIZE, state_dict_numpy, tiny_hf_config, tiny_hf_model, torch_logits
+from safetensors.numpy import load_file, save_file
+
+from rlhf_jax.models.hf import (
+    _read_safetensors_raw,
+    config_from_hf,
+    config_to_hf,
+    hf_to_params,
+    load,
+    params_to_hf,
+    save,
+    value_from_reward,
+)
+
+# name -> (HF family, overrides): one per family plus the flags that change the export format.
+VARIANTS = {
+    "gpt2": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
+    "gpt_neox": ("gpt_neox", {}),
+    "gpt_neox_no_bias_scaled": (
+        "gpt_neox",
+        dict(attention_bias=False, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "llama": ("llama", {}),
+    "llama_bias_tied": (
+        "llama",
+        dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    ),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(rope_theta=1e6)),
+}
+HEADS = {
+    "lm": transformers.AutoModelForCausalLM,
+    "score": transformers.AutoModelForSequenceClassification,
+}
+
+
+@functools.cache
+def hf_reference(name, head="lm"):
+    family, overrides = VARIANTS[name]
+    model = tiny_hf_model(family, head=head, **overrides)
+    config = config_from_hf(model.config)
+    return model, hf_to_params(state_dict_numpy(model), config), config
+
+
+def tokens_mask(head):
+    tokens = np.random.default_rng(0).integers(3, VOCAB_SIZE, (2, 10))
+    mask = np.ones_like(tokens)
+    if head == "score":  # right padding for the sequence-classification read-out
+        mask[1, 6:] = 0
+        tokens[1, 6:] = 0
+    return tokens, mask
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_round_trip(name, head):
+    _, _, config = hf_reference(name, head)
+    assert config_from_hf(config_to_hf(config)) == config
+    hash(config)
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_our_save_loads_in_transformers_with_identical_logits(name, head, tmp_path):
+    model, params, config = hf_reference(name, head)
+    save(params, config, tmp_path)
+    reloaded, info = HEADS[head].from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert type(reloaded) is type(model)
+    tokens, mask = tokens_mask(head)
+    np.testing.assert_array_equal(
+        torch_logits(reloaded.eval(), tokens, mask), torch_logits(model, tokens, mask)
+    )
+
+
+@pytest.mark.parametrize("head", ["lm", "score"])
+@pytest.mark.parametrize("name", VARIANTS)
+def test_transformers_save_loads_with_identical_params(name, head, tmp_path):
+    model, params, config = hf_reference(name, head)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    loaded, loaded_config = load(tmp_path)
+    assert loaded_config == config
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(loaded))
+    assert_trees_equal(loaded, params)
+    # and back: the HF tensors we would write are exactly the ones transformers wrote
+    written = load_file(tmp_path / "model.safetensors")
+    if config.family == "gpt_neox" and "lm_head.weight" in written:  # we write the v4 name
+        written["embed_out.weight"] = written.pop("lm_head.weight")
+    ours = params_to_hf(loaded, config)
+    assert set(ours) <= set(written)
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, written[key], err_msg=key)
+
+
+def test_load_sharded_and_bfloat16_checkpoint(tmp_path):
+    model, params, config = hf_reference("qwen3")
+    model.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    loaded, loaded_config = load(tmp_path)
+    assert loaded_config == config
+    expected = jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16), np.float32), params)
+    assert_trees_equal(jax.tree.map(lambda x: np.asarray(x, np.float32), loaded), expected)
+
+    loaded16, config16 = load(tmp_path, dtype="bfloat16")
+    assert config16 == dataclasses.replace(config, dtype="bfloat16", param_dtype="bfloat16")
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(loaded16))
+    # the fallback reader for safetensors versions without numpy bfloat16 reads the same bytes
+    shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    raw = _read_safetensors_raw(shard)
+    library = load_file(shard)
+    assert set(raw) == set(library)
+    for key in raw:
+        assert raw[key].dtype == library[key].dtype
+        np.testing.assert_array_equal(raw[key], library[key])
+
+
+def test_base_model_checkpoint_without_prefix_and_buffers():
+    """Old GPT-2 checkpoints name tensors `h.0...` and carry `attn.bias` mask buffers."""
+    model, params, config = hf_reference("gpt2")
+    tensors = {k.removeprefix("transformer."): v for k, v in state_dict_numpy(model).items()}
+    tensors["h.0.attn.bias"] = np.ones((1, 1, 64, 64), np.float32)
+    tensors["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+    assert_trees_equal(hf_to_params(tensors, config), params)
+
+
+def test_save_writes_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {f"t{i}": i for i in range(VOCAB_SIZE)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t3"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0")
+    _, params, config = hf_reference("llama")
+    save(params, config, tmp_path, tokenizer=tokenizer)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded("t5 t7")["input_ids"] == [5, 7]
+
+
+def test_value_from_reward():
+    _, params, config = hf_reference("llama", "score")
+    value, value_config = value_from_reward(params, config)
+    assert value_config == config and value_config.head == "score"
+    assert_trees_equal(value, params)
+    assert all(v is not p for v, p in zip(jax.tree.leaves(value), jax.tree.leaves(params)))
+    _, lm_params, lm_config = hf_reference("llama")
+    with pytest.raises(ValueError, match="reward model"):
+        value_from_reward(lm_params, lm_config)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def llama_tensors():
+    model, _, config = hf_reference("llama")
+    return state_dict_numpy(model), config
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tmp_path):
+    model, params, config = hf_reference("llama")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="allow_pickle=True"):
+        load(tmp_path)
+    loaded, _ = load(tmp_path, allow_pickle=True)
+    assert_trees_equal(loaded, params)
+
+
+def test_missing_weights_file(tmp_path):
+    hf_reference("llama")[0].config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "architecture, message",
+    [
+        ("LlamaForQuestionAnswering", "LlamaForQuestionAnswering"),
+        ("GPT2LMHeadModel", "GPT2LMHeadModel"),
+    ],
+)
+def test_unknown_architecture(architecture, message):
+    hf_config = tiny_hf_config("llama", architectures=[architecture])
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(hf_config)
+
+
+def test_unsupported_model_type_and_sliding_window(tmp_path):
+    with pytest.raises(ValueError, match="'bert'"):
+        config_from_hf(transformers.BertConfig())
+    with pytest.raises(ValueError, match="sliding-window"):
+        config_from_hf(transformers.MistralConfig(sliding_window=16, max_position_embeddings=64))
+
+
+def test_missing_tensor_is_named(llama_tensors):
+    tensors, config = llama_tensors
+    tensors = dict(tensors)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        hf_to_params(tensors, config)
+
+
+def test_unexpected_tensor_is_named(llama_tensors, tmp_path):
+    tensors, config = llama_tensors
+    tensors = dict(tensors) | {"model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config_to_hf(config).save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match="unexpected tensor 'model.layers.0.self_attn.q_proj.bias'"
+    ):
+        load(tmp_path)
+
+
+def test_shape_mismatch_is_named(llama_tensors):
+    tensors, config = llama_tensors
+    tensors = dict(tensors)
+    tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((64, 64), np.float32)
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.k_proj.weight' has shape"):
+        hf_to_params(tensors, config)
+    bad_config = dataclasses.replace(config, intermediate_size=96)
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight' has shape \\(128, 64\\)"):
+        hf_to_params(llama_tensors[0], bad_config)
+
+
+def test_score_head_in_lm_checkpoint_is_unexpected():
+    model, _, config = hf_reference("gpt2", "score")
+    lm_config = dataclasses.replace(config, head="lm")
+    with pytest.raises(ValueError, match="unexpected tensor 'score.weight'"):
+        hf_to_params(state_dict_numpy(model), lm_config)
