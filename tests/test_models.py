@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_utils import PAD_ID, VOCAB_SIZE, state_dict_numpy, tiny_hf_model, torch_logits
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rlhf_jax.models import (
     KVCache,
@@ -134,6 +136,23 @@ def test_left_padded_batch_matches_rows_alone(name):
     for row, n in enumerate(lengths):
         alone = torch_logits(model, tokens[row : row + 1, T - n :])
         np.testing.assert_allclose(ours[row, T - n :], alone[0], atol=ATOL, rtol=0)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, T), min_size=B, max_size=B),
+    pad_seed=st.integers(0, 2**16),
+)
+def test_tokens_and_positions_under_the_mask_never_matter(lengths, pad_seed):
+    _, params, config = reference("qwen3")
+    tokens, mask, positions = left_padded(lengths, T)
+    rng = np.random.default_rng(pad_seed)
+    other_tokens = np.where(mask, tokens, rng.integers(0, VOCAB_SIZE, (B, T)))
+    other_positions = np.where(mask, positions, rng.integers(0, 64, (B, T)))
+    ours = np.asarray(logits_fn(params, config, tokens, positions, mask))
+    other = np.asarray(logits_fn(params, config, other_tokens, other_positions, mask))
+    assert np.isfinite(other).all()
+    np.testing.assert_allclose(ours[mask], other[mask], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name", VARIANTS)

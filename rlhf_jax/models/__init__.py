@@ -1,6 +1,15 @@
 """Decoder LMs (GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3), heads and HF checkpoint interop."""
 
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_to_params,
+    load,
+    params_to_hf,
+    save,
+    value_from_reward,
+)
 from rlhf_jax.models.model import (
     KVCache,
     forward,
@@ -15,11 +24,18 @@ from rlhf_jax.models.model import (
 __all__ = [
     "KVCache",
     "ModelConfig",
+    "config_from_hf",
+    "config_to_hf",
     "forward",
+    "hf_to_params",
     "init_cache",
     "init_params",
     "lm_logits",
+    "load",
     "logical_axes",
+    "params_to_hf",
+    "save",
     "score",
     "sequence_scores",
+    "value_from_reward",
 ]

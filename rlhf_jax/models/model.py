@@ -175,7 +175,7 @@ def _inv_freq(config: ModelConfig, positions_BT: jax.Array) -> jax.Array:
     return jnp.asarray(inv_freq, _F32)
 
 
-def rope_tables(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _rope_tables(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Float32 `(cos, sin)`, each `[B, T, rotary_dim]` (HF layout: frequencies repeated twice)."""
     angles = positions_BT.astype(_F32)[..., None] * _inv_freq(config, positions_BT)
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -332,7 +332,7 @@ class Transformer(nn.Module):
         if c.positions == "learned":
             h = h + self.pos_embed(positions_BT)
         h = _constrain(h, "batch", "length", "act_embed")
-        rope = rope_tables(c, positions_BT) if c.positions == "rope" else None
+        rope = _rope_tables(c, positions_BT) if c.positions == "rope" else None
         t = tokens_BT.shape[1]
         if cache is None:
             causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
