@@ -194,6 +194,8 @@ class ModelConfig:
             fail(f"rope_scaling {rope_type!r} is missing {missing}")
         if params["factor"] <= 0 or (rope_type == "dynamic" and params["factor"] < 1):
             fail(f"rope_scaling factor {params['factor']} is out of range")
+        if rope_type == "dynamic" and self.rotary_dim <= 2:
+            fail("dynamic rope scaling needs more than 2 rotary dims")
 
     def _validate_family(self, fail) -> None:
         """Checks that the flags can be expressed in the family's HF checkpoint format."""
