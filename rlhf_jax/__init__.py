@@ -22,6 +22,23 @@ from rlhf_jax.ops import (
     response_mask,
     truncate_after_stop,
 )
+from rlhf_jax.ppo import (
+    Experience,
+    FrozenParams,
+    NonFiniteError,
+    PPOConfig,
+    PPOModels,
+    PPOState,
+    PtxBatch,
+    build_experience,
+    check_finite,
+    init_state,
+    jit_ppo_iteration,
+    make_experience,
+    ppo_iteration,
+    rollout,
+    update,
+)
 from rlhf_jax.rewards import (
     KLController,
     KLState,
@@ -33,10 +50,41 @@ from rlhf_jax.rewards import (
     shape_rewards,
 )
 from rlhf_jax.sampling import Generation, SamplingConfig, generate
+from rlhf_jax.sharding import (
+    DEFAULT_RULES,
+    MeshConfig,
+    make_mesh,
+    place_batch,
+    shard_params,
+    sharded_init,
+    with_rules,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_RULES",
+    "Experience",
+    "FrozenParams",
+    "MeshConfig",
+    "NonFiniteError",
+    "PPOConfig",
+    "PPOModels",
+    "PPOState",
+    "PtxBatch",
+    "build_experience",
+    "check_finite",
+    "init_state",
+    "jit_ppo_iteration",
+    "make_experience",
+    "make_mesh",
+    "place_batch",
+    "ppo_iteration",
+    "rollout",
+    "shard_params",
+    "sharded_init",
+    "update",
+    "with_rules",
     "INVALID_LOGPROB",
     "Generation",
     "KLController",

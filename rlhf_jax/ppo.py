@@ -1,0 +1,755 @@
+"""RLHF PPO (TRL's PPOTrainer semantics) as pure functions.
+
+Four models: the policy (trained), a frozen reference (the initial policy), a frozen reward model
+and a value model (trained; usually initialised from the reward model). One iteration is
+
+    rollout (generate) -> reference log-probs, values, reward scores -> per-token KL-shaped
+    rewards -> GAE -> advantage whitening -> num_ppo_epochs x num_mini_batches x
+    gradient_accumulation_steps clipped policy + value updates
+
+with every loop a `lax.scan`. `ppo_iteration` is the whole thing as one jittable function when
+the reward is a model; `rollout`, `build_experience` and `update` are the pieces for rewards
+computed on the host (verifiable rewards): jit(rollout) -> host scores -> jit(build_experience +
+update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.advantages import gae
+from rlhf_jax.logprobs import logprobs_from_hidden
+from rlhf_jax.losses import AggregationMode, lm_loss, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.ops import INVALID_LOGPROB, masked_mean, masked_sum, masked_whiten, response_mask
+from rlhf_jax.rewards import (
+    KLController,
+    KLState,
+    adaptive_kl_controller,
+    apply_missing_stop_penalty,
+    fixed_kl_controller,
+    score_indices,
+    shape_rewards,
+)
+from rlhf_jax.sampling import Generation, SamplingConfig, generate, prompt_positions
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig:
+    """PPO hyperparameters. Defaults equal TRL's `PPOConfig` where TRL has the option.
+
+    Batch layout: `batch_size` prompts per iteration, split into `num_mini_batches` minibatches
+    (one optimiser step each), each split into `gradient_accumulation_steps` micro-batches whose
+    gradients are averaged.
+
+    Attributes:
+      batch_size: prompts (episodes) per iteration.
+      response_length: new tokens sampled per prompt (TRL 53).
+      temperature: sampling temperature; log-probs for the ratio use the same scaled logits.
+      stop_token_ids: a response ends at the first of these (kept); the rest is padding.
+      pad_token_id: token written after the stop token.
+      missing_eos_penalty: subtracted from the score of responses without a stop token.
+      score_position: "last_token" (default) or "after_last_token" (TRL's exact placement);
+        values are trained up to the same position.
+      kl_coef: initial KL coefficient. kl_estimator: "k1" | "k2" | "k3".
+      kl_target, kl_horizon: when `kl_target` is set the coefficient is adapted (Ziegler et al.).
+      whiten_rewards: whiten per-token rewards (without shifting the mean) before GAE.
+      whiten_advantages: whiten advantages over the whole batch (TRL always does).
+      gamma, lam: GAE discount and lambda.
+      num_ppo_epochs, num_mini_batches, gradient_accumulation_steps: update loop sizes.
+      cliprange, cliprange_high, dual_clip: policy clipping (see `ppo_policy_loss`).
+      cliprange_value: value clipping range. vf_coef: value loss weight.
+      entropy_coef: entropy bonus weight (0 = off).
+      loss_aggregation: how the policy loss reduces over tokens (see `aggregate_loss`).
+      learning_rate, value_learning_rate: AdamW learning rates (value defaults to the policy's).
+      total_iterations: the linear decay reaches 0 after this many iterations (TRL decays the
+        learning rate once per iteration). warmup_iterations: linear warmup before that.
+      weight_decay, adam_eps, max_grad_norm: AdamW settings; `max_grad_norm=None` disables the
+        global-norm clipping (applied to policy and value gradients separately).
+      ptx_coef: weight of the PPO-ptx language-modelling loss on a pretraining batch.
+      recompute_old_logprobs: recompute rollout log-probs with a separate training-style forward
+        pass instead of taking them from sampling (removes the sampler/trainer numeric gap).
+      logprob_chunk_size: positions per chunk when computing log-probs from hidden states.
+    """
+
+    batch_size: int
+    response_length: int = 53
+    temperature: float = 0.7
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    missing_eos_penalty: float | None = None
+    score_position: Literal["last_token", "after_last_token"] = "last_token"
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = None
+    kl_horizon: float = 10000.0
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    gamma: float = 1.0
+    lam: float = 0.95
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    gradient_accumulation_steps: int = 1
+    cliprange: float = 0.2
+    cliprange_high: float | None = None
+    dual_clip: float | None = None
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    entropy_coef: float = 0.0
+    loss_aggregation: AggregationMode = "token-mean"
+    learning_rate: float = 3e-6
+    value_learning_rate: float | None = None
+    total_iterations: int = 1000
+    warmup_iterations: int = 0
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    ptx_coef: float = 0.0
+    recompute_old_logprobs: bool = False
+    logprob_chunk_size: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        per_update = self.num_mini_batches * self.gradient_accumulation_steps
+        if self.batch_size < 1 or self.batch_size % per_update:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a positive multiple of num_mini_batches "
+                f"({self.num_mini_batches}) x gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}) = {per_update}; change one of them"
+            )
+        for name in ("response_length", "num_ppo_epochs", "total_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
+        if self.logprob_chunk_size is not None and self.response_length % self.logprob_chunk_size:
+            raise ValueError(
+                f"logprob_chunk_size={self.logprob_chunk_size} must divide "
+                f"response_length={self.response_length}"
+            )
+        # Constructing these validates the remaining fields with their own messages.
+        self.sampling_config()
+        self.kl_controller()
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // (self.num_mini_batches * self.gradient_accumulation_steps)
+
+    def sampling_config(self) -> SamplingConfig:
+        return SamplingConfig(
+            max_new_tokens=self.response_length,
+            temperature=self.temperature,
+            stop_token_ids=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def kl_controller(self) -> KLController:
+        if self.kl_target is None:
+            return fixed_kl_controller(self.kl_coef)
+        return adaptive_kl_controller(self.kl_coef, target=self.kl_target, horizon=self.kl_horizon)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOModels:
+    """Static architecture of the models (hashable). The reference model shares `policy`."""
+
+    policy: models.ModelConfig
+    value: models.ModelConfig
+    reward: models.ModelConfig
+
+    def __post_init__(self) -> None:
+        if self.policy.head != "lm":
+            raise ValueError("the policy must be a causal LM (head='lm')")
+        for name in ("value", "reward"):
+            config = getattr(self, name)
+            if config.head != "score" or config.num_labels != 1:
+                raise ValueError(
+                    f"the {name} model must have a scalar score head (head='score', "
+                    f"num_labels=1), got head={config.head!r}, num_labels={config.num_labels}"
+                )
+            if config.vocab_size < self.policy.vocab_size:
+                raise ValueError(
+                    f"the {name} model's vocabulary ({config.vocab_size}) is smaller than the "
+                    f"policy's ({self.policy.vocab_size}); they must share a tokenizer"
+                )
+
+
+class FrozenParams(NamedTuple):
+    """Parameters that PPO never updates."""
+
+    ref: Params
+    reward: Params
+
+
+class PPOState(flax.struct.PyTreeNode):
+    """Everything an iteration updates (a pytree; checkpoint it whole)."""
+
+    policy_params: Params
+    value_params: Params
+    policy_opt_state: optax.OptState
+    value_opt_state: optax.OptState
+    kl: KLState
+    iteration: jax.Array  # int32 scalar: completed iterations
+    episode: jax.Array  # int32 scalar: prompts seen
+
+
+class Experience(flax.struct.PyTreeNode):
+    """One batch of rollouts with everything the update needs. Arrays are `[B, ...]`.
+
+    `mask` marks real response tokens (policy loss); `value_mask` marks the positions whose values
+    are trained (up to the score position: equal to `mask` unless the score sits one later).
+    Log-probs hold `INVALID_LOGPROB` and values 0 outside their masks.
+    """
+
+    prompts: jax.Array  # int32 [B, P], left-padded
+    prompt_mask: jax.Array  # bool [B, P]
+    responses: jax.Array  # int32 [B, T], truncated, right-padded
+    mask: jax.Array  # bool [B, T]
+    value_mask: jax.Array  # bool [B, T]
+    old_logprobs: jax.Array  # float32 [B, T]
+    ref_logprobs: jax.Array  # float32 [B, T]
+    values: jax.Array  # float32 [B, T]
+    scores: jax.Array  # float32 [B], penalties applied
+    rewards: jax.Array  # float32 [B, T]
+    advantages: jax.Array  # float32 [B, T]
+    returns: jax.Array  # float32 [B, T]
+    sequence_lengths: jax.Array  # int32 [B]
+
+
+class Rollout(NamedTuple):
+    """Model outputs of a rollout before scoring (what a host reward function needs)."""
+
+    prompts: jax.Array
+    prompt_mask: jax.Array
+    generation: Generation
+    old_logprobs: jax.Array
+    ref_logprobs: jax.Array
+    values: jax.Array
+
+
+# ---------------------------------------------------------------------------------- forwards
+
+
+def _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT):
+    tokens = jnp.concatenate([prompts_BP, responses_BT], axis=1)
+    mask = jnp.concatenate([prompt_mask_BP, mask_BT], axis=1).astype(bool)
+    return tokens, prompt_positions(mask), mask
+
+
+def response_hidden(
+    params: Params,
+    config: models.ModelConfig,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    responses_BT: jax.Array,
+    mask_BT: jax.Array,
+) -> jax.Array:
+    """Hidden states `[B, T, D]` at positions `P-1 .. P+T-2` of prompt + response: entry `t` is
+    the state from which response token `t` is predicted (and valued)."""
+    tokens, positions, mask = _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    hidden, _ = models.forward(params, config, tokens, positions, mask)
+    prompt_len, length = prompts_BP.shape[1], responses_BT.shape[1]
+    return hidden[:, prompt_len - 1 : prompt_len + length - 1]
+
+
+def policy_logprobs(
+    params: Params,
+    config: models.ModelConfig,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    responses_BT: jax.Array,
+    mask_BT: jax.Array,
+    *,
+    temperature: float,
+    chunk_size: int | None = None,
+    with_entropy: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Temperature-scaled log-probs `[B, T]` of the response tokens (`INVALID_LOGPROB` outside
+    `mask_BT`) and optionally the per-token entropy, float32."""
+    hidden = response_hidden(params, config, prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    logprobs, entropy = logprobs_from_hidden(
+        hidden,
+        responses_BT,
+        lambda h: models.lm_logits(params, config, h),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+    return jnp.where(mask_BT, logprobs, INVALID_LOGPROB), entropy
+
+
+def value_estimates(
+    params: Params,
+    config: models.ModelConfig,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    responses_BT: jax.Array,
+    mask_BT: jax.Array,
+    value_mask_BT: jax.Array,
+) -> jax.Array:
+    """Values `[B, T]` (float32) of the states before each response token; 0 outside
+    `value_mask_BT`."""
+    hidden = response_hidden(params, config, prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    values = models.score(params, config, hidden)[..., 0].astype(jnp.float32)
+    return jnp.where(value_mask_BT, values, 0.0)
+
+
+def reward_scores(
+    params: Params,
+    config: models.ModelConfig,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    responses_BT: jax.Array,
+    mask_BT: jax.Array,
+) -> jax.Array:
+    """Reward-model score `[B]` (float32) read at the last real token of prompt + response."""
+    tokens, positions, mask = _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    return models.sequence_scores(params, config, tokens, positions, mask)[:, 0].astype(jnp.float32)
+
+
+def value_mask_for(
+    sequence_lengths: jax.Array, length: int, score_position: str = "last_token"
+) -> jax.Array:
+    """Positions whose values are trained: up to and including the score position."""
+    return response_mask(score_indices(sequence_lengths, length, score_position), length)
+
+
+# -------------------------------------------------------------------------------- experience
+
+
+def rollout(
+    state: PPOState,
+    frozen: FrozenParams,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    key: jax.Array,
+    *,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+) -> Rollout:
+    """Samples responses and runs the policy (optionally), reference and value forwards."""
+    prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
+    prompt_mask_BP = jnp.asarray(prompt_mask_BP, bool)
+    if prompts_BP.shape[0] != config.batch_size:
+        raise ValueError(
+            f"got {prompts_BP.shape[0]} prompts but PPOConfig.batch_size={config.batch_size}"
+        )
+    gen = generate(
+        state.policy_params,
+        ppo_models.policy,
+        prompts_BP,
+        prompt_mask_BP,
+        key,
+        config.sampling_config(),
+    )
+    common = (prompts_BP, prompt_mask_BP, gen.tokens, gen.mask)
+    logprob_kwargs = dict(temperature=config.temperature, chunk_size=config.logprob_chunk_size)
+    old_logprobs = gen.logprobs
+    if config.recompute_old_logprobs:
+        old_logprobs, _ = policy_logprobs(
+            state.policy_params, ppo_models.policy, *common, **logprob_kwargs
+        )
+    ref_logprobs, _ = policy_logprobs(frozen.ref, ppo_models.policy, *common, **logprob_kwargs)
+    value_mask = value_mask_for(gen.sequence_lengths, gen.tokens.shape[1], config.score_position)
+    values = value_estimates(state.value_params, ppo_models.value, *common, value_mask)
+    return Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
+
+
+def build_experience(
+    roll: Rollout, scores_B: jax.Array, kl_coef: jax.Array, *, config: PPOConfig
+) -> tuple[Experience, dict[str, jax.Array]]:
+    """Scores -> penalised scores -> KL-shaped rewards -> GAE -> whitened advantages."""
+    gen = roll.generation
+    length = gen.tokens.shape[1]
+    raw_scores = jnp.asarray(scores_B, jnp.float32)
+    scores = apply_missing_stop_penalty(raw_scores, gen.stopped, config.missing_eos_penalty)
+    value_mask = value_mask_for(gen.sequence_lengths, length, config.score_position)
+    rewards, kl = shape_rewards(
+        scores,
+        roll.old_logprobs,
+        roll.ref_logprobs,
+        gen.sequence_lengths,
+        kl_coef=kl_coef,
+        estimator=config.kl_estimator,
+        score_position=config.score_position,
+    )
+    if config.whiten_rewards:
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+    rewards = jnp.where(value_mask, rewards, 0.0)
+    advantages, returns = gae(rewards, roll.values, gamma=config.gamma, lam=config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, gen.mask)
+    advantages = jnp.where(gen.mask, advantages, 0.0)
+    exp = Experience(
+        prompts=roll.prompts,
+        prompt_mask=roll.prompt_mask,
+        responses=gen.tokens,
+        mask=gen.mask,
+        value_mask=value_mask,
+        old_logprobs=roll.old_logprobs,
+        ref_logprobs=roll.ref_logprobs,
+        values=roll.values,
+        scores=scores,
+        rewards=rewards,
+        advantages=advantages,
+        returns=returns,
+        sequence_lengths=gen.sequence_lengths,
+    )
+    kl_B = masked_sum(kl, gen.mask, axis=1)
+    non_score_B = -kl_coef * kl_B
+    lengths = (gen.sequence_lengths + 1).astype(jnp.float32)
+    mask_f = gen.mask.astype(jnp.float32)
+    metrics = {
+        "objective/kl": jnp.mean(kl_B),
+        "objective/entropy": jnp.mean(masked_sum(-roll.old_logprobs, gen.mask, axis=1)),
+        "objective/non_score_reward": jnp.mean(non_score_B),
+        "objective/rlhf_reward": jnp.mean(non_score_B) + jnp.mean(scores),
+        "objective/scores": jnp.mean(scores),
+        "objective/raw_scores": jnp.mean(raw_scores),
+        "objective/kl_coef": jnp.asarray(kl_coef, jnp.float32),
+        "val/num_eos_tokens": jnp.sum(gen.stopped).astype(jnp.float32),
+        "response/length_mean": jnp.mean(lengths),
+        "response/length_min": jnp.min(lengths),
+        "response/length_max": jnp.max(lengths),
+        "val/values_mean": masked_mean(roll.values, value_mask),
+        "val/advantages_mean": masked_mean(advantages, gen.mask),
+        "val/returns_mean": masked_mean(returns, value_mask),
+        "nonfinite/scores": jnp.sum(~jnp.isfinite(raw_scores)).astype(jnp.float32),
+        "nonfinite/rewards": jnp.sum(~jnp.isfinite(rewards) * mask_f).astype(jnp.float32),
+    }
+    return exp, metrics
+
+
+def make_experience(
+    state: PPOState,
+    frozen: FrozenParams,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    key: jax.Array,
+    *,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+) -> tuple[Experience, dict[str, jax.Array]]:
+    """Rollout, reward-model scores and advantages for one batch of left-padded prompts."""
+    roll = rollout(
+        state, frozen, prompts_BP, prompt_mask_BP, key, config=config, ppo_models=ppo_models
+    )
+    gen = roll.generation
+    scores = reward_scores(
+        frozen.reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
+    )
+    return build_experience(roll, scores, state.kl.kl_coef, config=config)
+
+
+# ------------------------------------------------------------------------------------ update
+
+
+def _schedule(config: PPOConfig, peak_lr: float) -> optax.Schedule:
+    """Learning rate as a function of the optimiser step, constant within an iteration (TRL steps
+    its scheduler once per iteration): linear warmup, then linear decay to 0."""
+    steps_per_iteration = config.num_ppo_epochs * config.num_mini_batches
+    warmup = config.warmup_iterations
+    decay_iterations = max(config.total_iterations - warmup, 1)
+
+    def schedule(count: jax.Array) -> jax.Array:
+        it = (count // steps_per_iteration).astype(jnp.float32)
+        warm = (it + 1.0) / warmup if warmup else 1.0
+        decay = 1.0 - jnp.clip((it - warmup) / decay_iterations, 0.0, 1.0)
+        return peak_lr * jnp.where(it < warmup, warm, decay)
+
+    return schedule
+
+
+def learning_rate(config: PPOConfig, iteration: jax.Array) -> jax.Array:
+    """The policy learning rate used during `iteration` (0-based)."""
+    steps = config.num_ppo_epochs * config.num_mini_batches
+    return _schedule(config, config.learning_rate)(jnp.asarray(iteration) * steps)
+
+
+def make_optimizer(config: PPOConfig, peak_lr: float) -> optax.GradientTransformation:
+    """AdamW (optionally after global-norm clipping) on the PPO learning-rate schedule."""
+    adamw = optax.adamw(
+        _schedule(config, peak_lr), eps=config.adam_eps, weight_decay=config.weight_decay
+    )
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+def optimizers(config: PPOConfig) -> tuple[optax.GradientTransformation, ...]:
+    """`(policy_optimizer, value_optimizer)`."""
+    value_lr = config.value_learning_rate or config.learning_rate
+    return make_optimizer(config, config.learning_rate), make_optimizer(config, value_lr)
+
+
+def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -> PPOState:
+    """Fresh optimiser and KL-controller state around copies of the given parameters.
+
+    The state owns its buffers, so iterations can donate it even when `policy_params` are the same
+    arrays as the frozen reference (the usual start) or `value_params` the reward model's.
+    """
+    policy_tx, value_tx = optimizers(config)
+    policy_params, value_params = jax.tree.map(jnp.copy, (policy_params, value_params))
+    return PPOState(
+        policy_params=policy_params,
+        value_params=value_params,
+        policy_opt_state=policy_tx.init(policy_params),
+        value_opt_state=value_tx.init(value_params),
+        kl=config.kl_controller().init(),
+        iteration=jnp.zeros((), jnp.int32),
+        episode=jnp.zeros((), jnp.int32),
+    )
+
+
+class PtxBatch(NamedTuple):
+    """Pretraining batch for PPO-ptx: `tokens`/`mask` `[N, S]` (N divisible by
+    num_mini_batches x gradient_accumulation_steps); the LM loss covers tokens 1.. of each row
+    where the mask is 1."""
+
+    tokens: jax.Array
+    mask: jax.Array
+
+
+def _ptx_loss(params: Params, config: models.ModelConfig, batch: PtxBatch) -> jax.Array:
+    tokens, mask = batch.tokens, batch.mask.astype(bool)
+    hidden, _ = models.forward(params, config, tokens, prompt_positions(mask), mask)
+    logprobs, _ = logprobs_from_hidden(
+        hidden[:, :-1], tokens[:, 1:], lambda h: models.lm_logits(params, config, h)
+    )
+    return lm_loss(logprobs, mask[:, 1:] & mask[:, :-1])
+
+
+def _loss(
+    policy_params: Params,
+    value_params: Params,
+    mb: Experience,
+    ptx: PtxBatch | None,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    common = (mb.prompts, mb.prompt_mask, mb.responses, mb.mask)
+    logprobs, entropy = policy_logprobs(
+        policy_params,
+        ppo_models.policy,
+        *common,
+        temperature=config.temperature,
+        chunk_size=config.logprob_chunk_size,
+        with_entropy=True,
+    )
+    pg_loss, pg_aux = ppo_policy_loss(
+        logprobs,
+        mb.old_logprobs,
+        mb.advantages,
+        mb.mask,
+        clip_eps=config.cliprange,
+        clip_eps_high=config.cliprange_high,
+        dual_clip=config.dual_clip,
+        aggregation=config.loss_aggregation,
+    )
+    values = value_estimates(value_params, ppo_models.value, *common, mb.value_mask)
+    vf_loss, vf_aux = ppo_value_loss(
+        values, mb.values, mb.returns, mb.value_mask, clip_range=config.cliprange_value
+    )
+    entropy_avg = masked_mean(entropy, mb.mask)
+    loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_avg
+    aux = {
+        "policy/approxkl_avg": pg_aux["approx_kl"],
+        "policy/clipfrac_avg": pg_aux["clipfrac"],
+        "policy/dual_clipfrac_avg": pg_aux["dual_clipfrac"],
+        "loss/policy_avg": pg_loss,
+        "loss/value_avg": vf_loss,
+        "val/clipfrac_avg": vf_aux["clipfrac"],
+        "policy/entropy_avg": entropy_avg,
+        "val/ratio": pg_aux["ratio_mean"],
+        "val/ratio_var": pg_aux["ratio_var"],
+        "val/ratio_max": pg_aux["ratio_max"],
+    }
+    if ptx is not None and config.ptx_coef > 0:
+        ptx_loss = _ptx_loss(policy_params, ppo_models.policy, ptx)
+        loss = loss + config.ptx_coef * ptx_loss
+        aux["loss/ptx_avg"] = ptx_loss
+    return loss, aux
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def update(
+    state: PPOState,
+    exp: Experience,
+    key: jax.Array,
+    *,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    ptx: PtxBatch | None = None,
+) -> tuple[PPOState, dict[str, jax.Array]]:
+    """`num_ppo_epochs` passes over the experience, each in a fresh random order, as nested
+    `lax.scan`s (epochs -> minibatches -> gradient-accumulation micro-batches).
+
+    A minibatch whose loss or gradients are not finite is skipped (parameters and optimiser state
+    keep their values) and counted in the `nonfinite/*` metrics so the caller can stop the run.
+    """
+    policy_tx, value_tx = optimizers(config)
+    n_mb, n_acc, micro = (
+        config.num_mini_batches,
+        config.gradient_accumulation_steps,
+        config.micro_batch_size,
+    )
+    grad_fn = jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True)
+    if ptx is not None:
+        n = ptx.tokens.shape[0]
+        if n % (n_mb * n_acc):
+            raise ValueError(
+                f"the PPO-ptx batch ({n} rows) must divide into num_mini_batches x "
+                f"gradient_accumulation_steps = {n_mb * n_acc} parts"
+            )
+        ptx = jax.tree.map(lambda x: x.reshape(n_mb, n_acc, n // (n_mb * n_acc), *x.shape[1:]), ptx)
+
+    def minibatch_step(state: PPOState, inputs):
+        idx_AU, ptx_mb = inputs
+
+        def micro_step(grads, micro_inputs):
+            idx_U, ptx_micro = micro_inputs
+            mb = jax.tree.map(lambda x: x[idx_U], exp)
+            (loss, aux), micro_grads = grad_fn(
+                state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
+            )
+            grads = jax.tree.map(lambda g, d: g + d / n_acc, grads, micro_grads)
+            return grads, {**aux, "loss/total": loss}
+
+        zeros = jax.tree.map(jnp.zeros_like, (state.policy_params, state.value_params))
+        (policy_grads, value_grads), aux = jax.lax.scan(micro_step, zeros, (idx_AU, ptx_mb))
+        aux = jax.tree.map(jnp.mean, aux)
+        ok = _all_finite((policy_grads, value_grads)) & jnp.isfinite(aux["loss/total"])
+        policy_updates, policy_opt = policy_tx.update(
+            policy_grads, state.policy_opt_state, state.policy_params
+        )
+        value_updates, value_opt = value_tx.update(
+            value_grads, state.value_opt_state, state.value_params
+        )
+        new = state.replace(
+            policy_params=optax.apply_updates(state.policy_params, policy_updates),
+            value_params=optax.apply_updates(state.value_params, value_updates),
+            policy_opt_state=policy_opt,
+            value_opt_state=value_opt,
+        )
+        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        aux["nonfinite/updates"] = 1.0 - ok.astype(jnp.float32)
+        aux["grad_norm/policy"] = optax.global_norm(policy_grads)
+        aux["grad_norm/value"] = optax.global_norm(value_grads)
+        return state, aux
+
+    def epoch_step(state: PPOState, epoch_key: jax.Array):
+        perm = jax.random.permutation(epoch_key, config.batch_size)
+        return jax.lax.scan(minibatch_step, state, (perm.reshape(n_mb, n_acc, micro), ptx))
+
+    state, aux = jax.lax.scan(epoch_step, state, jax.random.split(key, config.num_ppo_epochs))
+    metrics = {k: jnp.mean(v) for k, v in aux.items() if not k.startswith("nonfinite")}
+    metrics["nonfinite/updates"] = jnp.sum(aux["nonfinite/updates"])
+    metrics["val/ratio_var"] = jnp.var(aux["val/ratio"])  # TRL: variance across minibatches
+    metrics["val/ratio_mean_var"] = jnp.mean(aux["val/ratio_var"])
+    # The first minibatch of the first epoch sees the rollout policy: ratio 1, approx KL 0 up to
+    # the numeric gap between sampling and the training forward (the mixed-precision health check).
+    metrics["policy/first_ratio_std"] = jnp.sqrt(aux["val/ratio_var"][0, 0])
+    metrics["policy/first_approxkl"] = aux["policy/approxkl_avg"][0, 0]
+    return state, metrics
+
+
+# --------------------------------------------------------------------------------- iteration
+
+
+def finish_iteration(
+    state: PPOState,
+    exp: Experience,
+    exp_metrics: dict[str, jax.Array],
+    key: jax.Array,
+    *,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    ptx: PtxBatch | None = None,
+) -> tuple[PPOState, dict[str, jax.Array]]:
+    """Update on `exp`, then advance the KL controller, iteration and episode counters."""
+    lr = learning_rate(config, state.iteration)
+    state, update_metrics = update(state, exp, key, config=config, ppo_models=ppo_models, ptx=ptx)
+    kl = config.kl_controller().update(state.kl, exp_metrics["objective/kl"], config.batch_size)
+    state = state.replace(
+        kl=kl, iteration=state.iteration + 1, episode=state.episode + config.batch_size
+    )
+    metrics = {**exp_metrics, **update_metrics, "lr": lr, "episode": state.episode}
+    return state, metrics
+
+
+def ppo_iteration(
+    state: PPOState,
+    frozen: FrozenParams,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    key: jax.Array,
+    *,
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    ptx: PtxBatch | None = None,
+) -> tuple[PPOState, dict[str, jax.Array]]:
+    """One whole PPO iteration with a reward model: experience, then update. Pure; jit it with
+    `config` and `ppo_models` static (see `jit_ppo_iteration`)."""
+    rollout_key, update_key = jax.random.split(key)
+    exp, exp_metrics = make_experience(
+        state,
+        frozen,
+        prompts_BP,
+        prompt_mask_BP,
+        rollout_key,
+        config=config,
+        ppo_models=ppo_models,
+    )
+    return finish_iteration(
+        state, exp, exp_metrics, update_key, config=config, ppo_models=ppo_models, ptx=ptx
+    )
+
+
+def jit_ppo_iteration(config: PPOConfig, ppo_models: PPOModels, **jit_kwargs: Any):
+    """`ppo_iteration` jitted with the configs bound and the state donated."""
+
+    def fn(state, frozen, prompts_BP, prompt_mask_BP, key, ptx=None):
+        return ppo_iteration(
+            state,
+            frozen,
+            prompts_BP,
+            prompt_mask_BP,
+            key,
+            config=config,
+            ppo_models=ppo_models,
+            ptx=ptx,
+        )
+
+    return jax.jit(fn, donate_argnums=(0,), **jit_kwargs)
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised by `check_finite` when an iteration produced NaN/inf."""
+
+
+def check_finite(metrics: dict[str, Any], iteration: int) -> None:
+    """Raises `NonFiniteError` naming the iteration and quantity when scores, rewards, losses or
+    gradients were not finite (updates with non-finite gradients were already skipped)."""
+    bad = {k: float(v) for k, v in metrics.items() if k.startswith("nonfinite/") and float(v) > 0}
+    for name in ("loss/policy_avg", "loss/value_avg", "objective/scores"):
+        if name in metrics and not jnp.isfinite(metrics[name]):
+            bad[name] = float(metrics[name])
+    if bad:
+        described = ", ".join(f"{k}={v:g}" for k, v in sorted(bad.items()))
+        raise NonFiniteError(
+            f"iteration {iteration}: non-finite values ({described}); the parameters were not "
+            "updated with them. Lower the learning rate, check the reward function/model, or "
+            "resume from the last checkpoint."
+        )

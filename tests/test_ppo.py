@@ -1,0 +1,417 @@
+"""PPO: one iteration against a PyTorch transcription of TRL 0.17's PPOTrainer loop, the
+first-minibatch invariants, learning on a tiny task, one compilation, and bad input."""
+
+import copy
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_utils import PAD_ID, state_dict_numpy, tiny_hf_model
+
+import rlhf_jax as rj
+from rlhf_jax import models, ppo
+from rlhf_jax.models.hf import config_from_hf, hf_to_params, params_to_hf
+
+STOP = 2
+TEMPERATURE = 0.7
+
+
+def left_padded(batch, length, vocab, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, size=(batch, length))
+    real = rng.integers(2, length + 1, size=batch)
+    mask = np.arange(length)[None, :] >= (length - real)[:, None]
+    return np.where(mask, tokens, PAD_ID).astype(np.int32), mask
+
+
+# ------------------------------------------------------------------ TRL 0.17, transcribed in torch
+
+
+def trl_first_true_indices(bools):
+    row_len = bools.size(-1)
+    zero_or_index = row_len * (~bools).type(torch.long) + torch.arange(row_len)
+    return torch.min(zero_or_index, dim=-1).values
+
+
+def trl_truncate_response(stop_token_id, pad_token_id, responses):
+    trunc_idxs = trl_first_true_indices(responses == stop_token_id).unsqueeze(-1)
+    idxs = torch.arange(responses.size(1)).view(*([1] * (responses.dim() - 1)), -1)
+    return torch.masked_fill(responses, idxs > trunc_idxs, pad_token_id)
+
+
+def trl_selective_log_softmax(logits, index):
+    selected = torch.gather(logits, dim=-1, index=index.unsqueeze(-1)).squeeze(-1)
+    return selected - torch.logsumexp(logits, dim=-1)
+
+
+def trl_masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+def trl_masked_var(values, mask):
+    mean = trl_masked_mean(values, mask)
+    variance = trl_masked_mean((values - mean) ** 2, mask)
+    return variance * mask.sum() / (mask.sum() - 1)
+
+
+def trl_masked_whiten(values, mask, shift_mean=True):
+    mean, var = trl_masked_mean(values, mask), trl_masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def trl_backbone_hidden(model, query_responses, pad):
+    attention_mask = query_responses != pad
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    backbone = getattr(model, model.base_model_prefix)
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return out.last_hidden_state
+
+
+def trl_policy_logits(model, query_responses, pad):
+    attention_mask = query_responses != pad
+    position_ids = attention_mask.cumsum(1) - attention_mask.long()
+    input_ids = torch.masked_fill(query_responses, ~attention_mask, 0)
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).logits
+
+
+def trl_get_reward(model, query_responses, pad, context_length):
+    reward_logits = model.score(trl_backbone_hidden(model, query_responses, pad))
+    lengths = (
+        trl_first_true_indices(query_responses[:, context_length:] == pad) - 1 + context_length
+    )
+    return reward_logits, reward_logits[torch.arange(reward_logits.size(0)), lengths].squeeze(-1)
+
+
+def trl_iteration(policy, ref_policy, value_model, reward_model, queries, responses, args):
+    stop = args.stop_token_ids[0]
+    """The experience and first-minibatch loss of TRL 0.17's PPOTrainer.train (one minibatch)."""
+    pad, context_length, temp = PAD_ID, queries.shape[1], args.temperature
+    with torch.no_grad():
+        query_response = torch.cat((queries, responses), 1)
+        logits = trl_policy_logits(policy, query_response, pad)[:, context_length - 1 : -1]
+        logits /= temp + 1e-7
+        logprobs = trl_selective_log_softmax(logits, responses)
+        ref_logits = trl_policy_logits(ref_policy, query_response, pad)[:, context_length - 1 : -1]
+        ref_logits /= temp + 1e-7
+        ref_logprobs = trl_selective_log_softmax(ref_logits, responses)
+        postprocessed = trl_truncate_response(stop, pad, responses)
+        postprocessed_query_response = torch.cat((queries, postprocessed), 1)
+        sequence_lengths = trl_first_true_indices(postprocessed == pad) - 1
+        full_value, _ = trl_get_reward(value_model, query_response, pad, context_length)
+        values = full_value[:, context_length - 1 : -1].squeeze(-1)
+        _, scores = trl_get_reward(reward_model, postprocessed_query_response, pad, context_length)
+        contain_eos_token = torch.any(postprocessed == stop, dim=-1)
+        scores[~contain_eos_token] -= args.missing_eos_penalty
+        response_idxs = torch.arange(responses.shape[1]).repeat(responses.shape[0], 1)
+        padding_mask = response_idxs > sequence_lengths.unsqueeze(1)
+        logprobs = torch.masked_fill(logprobs, padding_mask, 1.0)
+        ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, 1.0)
+        sequence_lengths_p1 = sequence_lengths + 1
+        padding_mask_p1 = response_idxs > sequence_lengths_p1.unsqueeze(1)
+        values = torch.masked_fill(values, padding_mask_p1, 0)
+        logr = ref_logprobs - logprobs
+        kl = -logr if args.kl_estimator == "k1" else (logr.exp() - 1) - logr
+        non_score_reward = -args.kl_coef * kl
+        rewards = non_score_reward.clone()
+        actual_start = torch.arange(rewards.size(0))
+        actual_end = torch.where(
+            sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths
+        )
+        rewards[actual_start, actual_end] += scores
+        if args.whiten_rewards:
+            rewards = trl_masked_whiten(rewards, mask=~padding_mask_p1, shift_mean=False)
+            rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+        lastgaelam, advantages_reversed, gen_length = 0, [], responses.shape[1]
+        for t in reversed(range(gen_length)):
+            nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+            delta = rewards[:, t] + args.gamma * nextvalues - values[:, t]
+            lastgaelam = delta + args.gamma * args.lam * lastgaelam
+            advantages_reversed.append(lastgaelam)
+        advantages = torch.stack(advantages_reversed[::-1], axis=1)
+        returns = advantages + values
+        advantages = trl_masked_whiten(advantages, ~padding_mask)
+        advantages = torch.masked_fill(advantages, padding_mask, 0)
+
+    # First minibatch of the first epoch (the whole batch: num_mini_batches = 1).
+    new_logits = trl_policy_logits(policy, query_response, pad)[:, context_length - 1 : -1]
+    new_logits = new_logits / (temp + 1e-7)
+    new_logprobs = trl_selective_log_softmax(new_logits, responses)
+    new_logprobs = torch.masked_fill(new_logprobs, padding_mask, 1.0)
+    vpred = value_model.score(trl_backbone_hidden(value_model, query_response, pad))
+    vpred = vpred[:, context_length - 1 : -1].squeeze(-1)
+    vpred = torch.masked_fill(vpred, padding_mask_p1, 0)
+    vpredclipped = torch.clamp(vpred, values - args.cliprange_value, values + args.cliprange_value)
+    vf_losses1 = torch.square(vpred - returns)
+    vf_losses2 = torch.square(vpredclipped - returns)
+    vf_loss = 0.5 * trl_masked_mean(torch.max(vf_losses1, vf_losses2), ~padding_mask_p1)
+    ratio = torch.exp(new_logprobs - logprobs)
+    pg_losses = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - args.cliprange, 1.0 + args.cliprange)
+    pg_loss = trl_masked_mean(torch.max(pg_losses, pg_losses2), ~padding_mask)
+    loss = pg_loss + args.vf_coef * vf_loss
+    loss.backward()
+    return {
+        "old_logprobs": logprobs,
+        "ref_logprobs": ref_logprobs,
+        "values": values,
+        "scores": scores,
+        "rewards": rewards,
+        "advantages": advantages,
+        "returns": returns,
+        "pg_loss": pg_loss.detach(),
+        "vf_loss": vf_loss.detach(),
+    }
+
+
+@functools.cache
+def hf_models():
+    policy = tiny_hf_model("llama", seed=0)
+    reward = tiny_hf_model("llama", head="score", seed=1)
+    return policy, reward
+
+
+def ours(hf_model):
+    config = config_from_hf(hf_model.config)
+    return hf_to_params(state_dict_numpy(hf_model), config), config
+
+
+@pytest.mark.parametrize("kl_estimator, whiten_rewards", [("k1", False), ("k3", True)])
+def test_one_iteration_matches_trl_transcription(kl_estimator, whiten_rewards):
+    hf_policy, hf_reward = hf_models()
+    policy_params, policy_config = ours(hf_policy)
+    reward_params, reward_config = ours(hf_reward)
+    prompts, prompt_mask = left_padded(6, 5, policy_config.vocab_size, seed=0)
+    base = ppo.PPOConfig(batch_size=6, response_length=10, pad_token_id=PAD_ID)
+    free = rj.generate(
+        policy_params,
+        policy_config,
+        prompts,
+        prompt_mask,
+        jax.random.key(0),
+        base.sampling_config(),
+    )
+    counts = np.bincount(np.asarray(free.tokens).ravel(), minlength=PAD_ID + 1)
+    counts[PAD_ID] = 0
+    stop = int(counts.argmax())  # the model's most frequent token, so that rows do stop
+    config = dataclasses.replace(
+        base,
+        stop_token_ids=(stop,),
+        missing_eos_penalty=1.0,
+        score_position="after_last_token",
+        kl_estimator=kl_estimator,
+        whiten_rewards=whiten_rewards,
+        num_ppo_epochs=1,
+        max_grad_norm=None,
+    )
+    ppo_models = ppo.PPOModels(policy=policy_config, value=reward_config, reward=reward_config)
+    state = ppo.init_state(policy_params, reward_params, config)
+    frozen = ppo.FrozenParams(ref=policy_params, reward=reward_params)
+    make = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=ppo_models))
+    for seed in range(20):
+        exp, _ = make(state, frozen, prompts, prompt_mask, jax.random.key(seed))
+        real_pad = np.any((np.asarray(exp.responses) == PAD_ID) & np.asarray(exp.mask))
+        stopped = np.asarray(exp.sequence_lengths) < config.response_length - 1
+        # TRL reads a real pad token as padding; and truncation must be exercised.
+        if not real_pad and stopped.any():
+            break
+    assert not real_pad and stopped.any(), "no usable rollout: truncation untested"
+
+    torch_policy = copy.deepcopy(hf_policy)
+    torch_value = copy.deepcopy(hf_reward)
+    want = trl_iteration(
+        torch_policy,
+        hf_policy,
+        torch_value,
+        hf_reward,
+        torch.as_tensor(prompts, dtype=torch.long),
+        torch.as_tensor(np.array(exp.responses), dtype=torch.long),
+        config,
+    )
+    for name in (
+        "old_logprobs",
+        "ref_logprobs",
+        "values",
+        "scores",
+        "rewards",
+        "advantages",
+        "returns",
+    ):
+        np.testing.assert_allclose(
+            np.asarray(getattr(exp, name)), want[name].numpy(), atol=2e-5, rtol=1e-4, err_msg=name
+        )
+
+    loss_and_grads = jax.jit(
+        jax.value_and_grad(ppo._loss, argnums=(0, 1), has_aux=True), static_argnums=(4, 5)
+    )
+    (_, aux), (policy_grads, value_grads) = loss_and_grads(
+        state.policy_params, state.value_params, exp, None, config, ppo_models
+    )
+    np.testing.assert_allclose(aux["loss/policy_avg"], want["pg_loss"].numpy(), atol=1e-6)
+    np.testing.assert_allclose(aux["loss/value_avg"], want["vf_loss"].numpy(), rtol=1e-5)
+    for grads, hf_model, cfg in (
+        (policy_grads, torch_policy, policy_config),
+        (value_grads, torch_value, reward_config),
+    ):
+        ours_by_name = params_to_hf(grads, cfg)
+        for name, param in hf_model.named_parameters():
+            want_grad = np.zeros(param.shape) if param.grad is None else param.grad.numpy()
+            scale = max(np.abs(want_grad).max(), 1e-8)
+            np.testing.assert_allclose(
+                ours_by_name[name] / scale, want_grad / scale, atol=1e-4, err_msg=name
+            )
+
+
+# ----------------------------------------------------------------------------- tiny task tests
+
+TINY = models.ModelConfig(
+    family="llama",
+    vocab_size=32,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+TINY_RM = dataclasses.replace(TINY, head="score")
+
+
+def tiny_setup(**overrides):
+    config = ppo.PPOConfig(
+        **{
+            "batch_size": 16,
+            "response_length": 8,
+            "stop_token_ids": (STOP,),
+            "num_mini_batches": 2,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 3e-3,
+            "value_learning_rate": 3e-3,
+            "temperature": 1.0,
+            "total_iterations": 100,
+            "kl_target": 0.5,
+            "kl_horizon": 100.0,
+            **overrides,
+        }
+    )
+    policy = models.init_params(TINY, jax.random.key(0))
+    reward = models.init_params(TINY_RM, jax.random.key(1))
+    # Random init gives scores of ~0.05; scale the head so they spread over O(1).
+    reward["score"]["kernel"] = reward["score"]["kernel"] * 30.0
+    ppo_models = ppo.PPOModels(policy=TINY, value=TINY_RM, reward=TINY_RM)
+    state = ppo.init_state(policy, reward, config)
+    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    prompts, mask = left_padded(config.batch_size, 6, TINY.vocab_size, seed=3)
+    return config, ppo_models, state, frozen, prompts, mask
+
+
+@functools.cache
+def jitted_iteration(config, ppo_models):
+    """One compiled iteration shared by the tests below; a second trace fails the test."""
+
+    @chex.assert_max_traces(n=1)
+    def one_iteration(state, frozen, prompts, mask, key):
+        return ppo.ppo_iteration(
+            state, frozen, prompts, mask, key, config=config, ppo_models=ppo_models
+        )
+
+    return jax.jit(one_iteration, donate_argnums=(0,))
+
+
+def test_first_minibatch_ratio_is_one_and_approx_kl_zero():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup(recompute_old_logprobs=True)
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=ppo_models))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    _, aux = jax.jit(ppo._loss, static_argnums=(4, 5))(
+        state.policy_params, state.value_params, exp, None, config, ppo_models
+    )
+    # The same forward computes both, up to XLA's fusion rounding.
+    assert float(aux["val/ratio"]) == 1.0 and float(aux["policy/approxkl_avg"]) < 1e-12
+
+
+def test_learning_raises_reward_model_score_with_adaptive_kl():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup()
+    iteration = jitted_iteration(config, ppo_models)
+    scores, kl_coef = [], config.kl_coef
+    for i in range(30):
+        state, metrics = iteration(state, frozen, prompts, mask, jax.random.key(i))
+        ppo.check_finite(metrics, i)
+        scores.append(float(metrics["objective/raw_scores"]))
+        # Old log-probs come from the sampler (KV cache): float32 rounding only.
+        assert float(metrics["policy/first_ratio_std"]) < 1e-5
+        assert float(metrics["policy/first_approxkl"]) < 1e-10
+        # Ziegler et al.'s controller, fed the batch's mean sequence KL and batch size.
+        error = np.clip(float(metrics["objective/kl"]) / 0.5 - 1, -0.2, 0.2)
+        kl_coef *= 1 + error * config.batch_size / 100.0
+        np.testing.assert_allclose(float(state.kl.kl_coef), kl_coef, rtol=1e-4)
+    assert int(state.iteration) == 30 and int(state.episode) == 30 * config.batch_size
+    assert np.mean(scores[-5:]) > np.mean(scores[:5]) + 1.0, np.round(scores, 2)
+    leaves, treedef = jax.tree.flatten(state)
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    chex.assert_trees_all_equal(rebuilt, state)
+    assert isinstance(rebuilt, ppo.PPOState)
+
+
+def test_non_finite_scores_stop_the_run_and_skip_the_update():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup()
+    before = jax.tree.map(np.array, state.policy_params)
+    score_kernel = frozen.reward["score"]["kernel"]
+    poisoned = {**frozen.reward, "score": {"kernel": score_kernel.at[0, 0].set(jnp.nan)}}
+    state, metrics = jitted_iteration(config, ppo_models)(
+        state, ppo.FrozenParams(frozen.ref, poisoned), prompts, mask, jax.random.key(0)
+    )
+    with pytest.raises(ppo.NonFiniteError, match=r"iteration 7: .*nonfinite/scores=16"):
+        ppo.check_finite(metrics, 7)
+    assert float(metrics["nonfinite/updates"]) == config.num_ppo_epochs * config.num_mini_batches
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.policy_params), before)
+
+
+def test_host_reward_path_matches_model_reward_path():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup()
+    key = jax.random.key(4)
+    exp_model, _ = jax.jit(
+        functools.partial(ppo.make_experience, config=config, ppo_models=ppo_models)
+    )(state, frozen, prompts, mask, key)
+    roll = jax.jit(functools.partial(ppo.rollout, config=config, ppo_models=ppo_models))(
+        state, frozen, prompts, mask, key
+    )
+    gen = roll.generation
+    host_scores = np.asarray(  # stands in for a Python reward function on decoded text
+        ppo.reward_scores(frozen.reward, TINY_RM, prompts, mask, gen.tokens, gen.mask)
+    )
+    exp_host, _ = ppo.build_experience(roll, host_scores, state.kl.kl_coef, config=config)
+    chex.assert_trees_all_close(exp_host, exp_model, atol=1e-5)
+
+
+def test_ptx_loss_is_added():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup(ptx_coef=0.5)
+    ptx = ppo.PtxBatch(tokens=jnp.asarray(prompts), mask=jnp.asarray(mask))
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=ppo_models))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    loss = jax.jit(ppo._loss, static_argnums=(4, 5))
+    loss_without, _ = loss(state.policy_params, state.value_params, exp, None, config, ppo_models)
+    loss_with, aux = loss(state.policy_params, state.value_params, exp, ptx, config, ppo_models)
+    want_ptx = float(jax.jit(ppo._ptx_loss, static_argnums=1)(state.policy_params, TINY, ptx))
+    np.testing.assert_allclose(aux["loss/ptx_avg"], want_ptx, rtol=1e-5)
+    np.testing.assert_allclose(loss_with - loss_without, 0.5 * want_ptx, rtol=1e-4)
+    assert want_ptx > 0
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="batch_size=10 must be a positive multiple"):
+        ppo.PPOConfig(batch_size=10, num_mini_batches=4)
+    with pytest.raises(ValueError, match="scalar score head"):
+        ppo.PPOModels(policy=TINY, value=TINY, reward=TINY_RM)
+    with pytest.raises(ValueError, match="logprob_chunk_size=3 must divide"):
+        ppo.PPOConfig(batch_size=4, response_length=8, logprob_chunk_size=3)
