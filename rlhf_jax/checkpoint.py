@@ -1,0 +1,255 @@
+"""Orbax checkpoints of a training run, and export of a checkpoint to Hugging Face format.
+
+A run directory holds `checkpoints/<iteration>/`, one Orbax checkpoint per saved iteration with
+the items
+
+    policy, value     parameter pytrees (whatever the algorithm trains; value is optional)
+    train_state       optimiser states, controller states, counters, the PRNG key data
+    meta              JSON: the iteration, the data position, the models' `ModelConfig`s, ...
+
+and `tokenizer/` (written once by the trainer). Orbax writes each checkpoint into a temporary
+directory and renames it when every item is complete, so a process killed in the middle of a
+save leaves the previous checkpoint as the latest one; the unfinished directory is removed when a
+manager is next opened. Saves can run asynchronously: device arrays are copied to the host before
+`save` returns, so the caller may donate them to the next step right away.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from rlhf_jax import models
+from rlhf_jax.models.config import freeze_rope_scaling
+
+CHECKPOINTS_DIR = "checkpoints"
+TOKENIZER_DIR = "tokenizer"
+META = "meta"
+HANG_ENV = "RLHF_JAX_HANG_IN_SAVE"
+"""Test hook: when set to an iteration number, the save of that iteration blocks (after its
+temporary directory exists, before it is committed) so a test can kill the process there."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class _MetaHandler(ocp.handlers.JsonCheckpointHandler):
+    """JSON metadata item; honours the `HANG_ENV` test hook."""
+
+    async def async_save(self, directory, item=None, args=None):
+        futures = await super().async_save(directory, item, args)
+        hang = os.environ.get(HANG_ENV)
+        if hang and args is not None and str(args.item.get("iteration")) == hang:
+            print(f"rlhf_jax: {HANG_ENV}: hanging inside the save of {hang}", file=sys.stderr)
+            sys.stderr.flush()
+            time.sleep(3600)
+        return futures
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_save=True)
+@dataclasses.dataclass
+class _MetaSave(ocp.args.CheckpointArgs):
+    item: dict[str, Any]
+
+
+@ocp.args.register_with_handler(_MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class _MetaRestore(ocp.args.CheckpointArgs):
+    item: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------------------------- model configs
+
+
+def model_config_to_dict(config: models.ModelConfig) -> dict[str, Any]:
+    """A `ModelConfig` as JSON-safe values (inverse: `model_config_from_dict`)."""
+    out = dataclasses.asdict(config)
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = dict(config.rope_scaling)
+    return out
+
+
+def model_config_from_dict(values: Mapping[str, Any]) -> models.ModelConfig:
+    """Rebuilds a `ModelConfig` written by `model_config_to_dict`."""
+    values = dict(values)
+    if values.get("rope_scaling") is not None:
+        values["rope_scaling"] = freeze_rope_scaling(values["rope_scaling"])
+    if isinstance(values.get("eos_token_id"), list):
+        values["eos_token_id"] = tuple(values["eos_token_id"])
+    return models.ModelConfig(**values)
+
+
+# ---------------------------------------------------------------------------------- manager
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run directory (`run_dir/checkpoints`).
+
+    Args:
+      run_dir: the run directory.
+      keep: number of newest checkpoints to keep.
+      async_save: write in the background (`wait` blocks until done).
+    """
+
+    def __init__(self, run_dir: str | Path, *, keep: int = 3, async_save: bool = True) -> None:
+        self.directory = Path(run_dir).absolute() / CHECKPOINTS_DIR
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's iteration, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, items: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """Saves pytrees `items` (e.g. `{"policy": params, "train_state": {...}}`) and JSON
+        `meta` as checkpoint `step`. Arrays are on the host when this returns."""
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args[META] = _MetaSave(dict(meta, iteration=int(step)))
+        self._manager.save(int(step), args=ocp.args.Composite(**args), force=True)
+
+    def restore(
+        self, step: int, abstract_items: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Restores the named items onto the shapes, dtypes and shardings of `abstract_items`
+        (pytrees of `jax.ShapeDtypeStruct`); returns `(items, meta)`."""
+        args = {name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}
+        args[META] = _MetaRestore()
+        restored = self._manager.restore(int(step), args=ocp.args.Composite(**args))
+        meta = dict(restored[META])
+        return {name: restored[name] for name in abstract_items}, meta
+
+    def wait(self) -> None:
+        """Blocks until a background save has been committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s (with shardings) of a pytree of arrays or abstract arrays."""
+
+    def leaf(x: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+
+    return jax.tree.map(leaf, tree)
+
+
+# ------------------------------------------------------------------------- single checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from a path to one, or to a run directory (its newest checkpoint).
+
+    Raises:
+      CheckpointError: nothing complete there.
+    """
+    path = Path(path).absolute()
+    if (path / META).is_dir():
+        if not (path / "_CHECKPOINT_METADATA").exists() and path.name.endswith("-tmp"):
+            raise CheckpointError(f"{path} is an unfinished checkpoint (the save was interrupted)")
+        return path
+    ckpt_root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
+    steps = (
+        sorted(
+            (int(p.name) for p in ckpt_root.iterdir() if p.name.isdigit() and (p / META).is_dir()),
+        )
+        if ckpt_root.is_dir()
+        else []
+    )
+    if not steps:
+        raise CheckpointError(
+            f"no checkpoint at {path}; pass RUN_DIR/checkpoints/<iteration> or a run directory"
+        )
+    return ckpt_root / str(steps[-1])
+
+
+def run_dir_of(checkpoint_dir: str | Path) -> Path:
+    """The run directory a checkpoint belongs to (`RUN/checkpoints/<iteration>`)."""
+    return Path(checkpoint_dir).absolute().parent.parent
+
+
+def read_meta(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint directory."""
+    import json
+
+    file = Path(checkpoint_dir) / META / "metadata"
+    if not file.exists():
+        raise CheckpointError(f"{checkpoint_dir} has no {META}/metadata; is it a checkpoint?")
+    return json.loads(file.read_text())
+
+
+def restore_params(
+    checkpoint_dir: str | Path, item: str = "policy", *, sharding: Any = None
+) -> tuple[Any, models.ModelConfig]:
+    """Restores one parameter item of a checkpoint with its `ModelConfig`.
+
+    Args:
+      checkpoint_dir: `RUN/checkpoints/<iteration>` (or a run directory: the newest one).
+      item: "policy" or "value".
+      sharding: where to put every array (default: the first device).
+    """
+    checkpoint_dir = resolve_checkpoint(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
+    configs = meta.get("models", {})
+    if item not in configs or not (checkpoint_dir / item).is_dir():
+        raise CheckpointError(f"{checkpoint_dir} has no {item!r} model; it has {sorted(configs)}")
+    config = model_config_from_dict(configs[item])
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
+    )
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(checkpoint_dir / item, abstract)
+    return params, config
+
+
+def load_run_tokenizer(checkpoint_dir: str | Path) -> Any:
+    """The tokenizer saved with the run of a checkpoint (`RUN/tokenizer`)."""
+    import transformers
+
+    path = run_dir_of(resolve_checkpoint(checkpoint_dir)) / TOKENIZER_DIR
+    if not path.is_dir():
+        raise CheckpointError(f"the run has no saved tokenizer at {path}")
+    return transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, *, value: bool = True) -> dict[str, Path]:
+    """Writes a checkpoint's models in Hugging Face format with the run's tokenizer.
+
+    The policy goes to `out_dir` itself (so `AutoModelForCausalLM.from_pretrained(out_dir)` and
+    `rlhf-jax generate --model out_dir` work) and, with `value`, the value model to
+    `out_dir/value` (an `*ForSequenceClassification` checkpoint). Returns the written paths.
+    """
+    checkpoint_dir = resolve_checkpoint(checkpoint)
+    tokenizer = load_run_tokenizer(checkpoint_dir)
+    out = Path(out_dir)
+    written = {}
+    params, config = restore_params(checkpoint_dir, "policy")
+    models.save(params, config, out, tokenizer=tokenizer)
+    written["policy"] = out
+    meta = read_meta(checkpoint_dir)
+    if value and "value" in meta.get("models", {}):
+        params, config = restore_params(checkpoint_dir, "value")
+        models.save(params, config, out / "value", tokenizer=tokenizer)
+        written["value"] = out / "value"
+    return written

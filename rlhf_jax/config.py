@@ -1,0 +1,450 @@
+"""Run configurations: frozen dataclasses loaded from YAML plus dotted `key.sub=value` overrides.
+
+The dataclasses are the schema. `load_config(cls, "configs/x.yaml", ["ppo.batch_size=64"])`
+merges the YAML file and the overrides onto `cls` with OmegaConf structured configs (which check
+every key and type), then builds the frozen dataclasses, whose `__post_init__` validate values.
+Every error is a `ConfigError` that names the offending key.
+
+Training algorithms are registered by name (`register_algorithm`) with their config dataclass and
+run function; the CLI's `rlhf-jax train NAME` looks them up here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rlhf_jax.ppo import PPOConfig
+from rlhf_jax.sharding import MeshConfig
+
+T = TypeVar("T")
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------ sections
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelsConfig:
+    """Which models to load. Paths are local Hugging Face directories (config.json + safetensors)
+    or hub ids, which are downloaded when the network allows.
+
+    Attributes:
+      policy: the SFT policy; also the frozen reference model.
+      reward: a reward model (sequence classifier with one label).
+      reward_function: `"module:function"` computing rewards on the host from decoded text
+        (exactly one of `reward` / `reward_function`).
+      value: initial value model. None: a copy of the reward model (`models.value_from_reward`),
+        or with a reward function, the policy's backbone with a zero-initialised score head.
+      dtype: compute dtype ("float32" | "bfloat16" | "float16").
+      param_dtype: dtype of the trained parameters and optimiser moments.
+      remat: rematerialise each layer in the backward pass (less memory, more compute).
+      allow_pickle: allow `*.bin` (pickle) checkpoints, read with `torch.load(weights_only=True)`.
+    """
+
+    policy: str
+    reward: str | None = None
+    reward_function: str | None = None
+    value: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    remat: bool = False
+    allow_pickle: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.reward is None) == (self.reward_function is None):
+            raise ValueError(
+                "set exactly one of models.reward (a reward-model path) and "
+                "models.reward_function ('module:function'), got "
+                f"reward={self.reward!r}, reward_function={self.reward_function!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenizerConfig:
+    """The tokenizer and the special tokens generation uses.
+
+    Attributes:
+      path: tokenizer directory or hub id; None: the policy's path.
+      pad_token: token to use for padding when the tokenizer has none (added to the vocabulary if
+        it is not in it; it must still fit the models' embedding tables). Set this, e.g. "[PAD]",
+        for tokenizers such as Pythia's that have no pad token.
+      stop_at_eos: responses end at the tokenizer's EOS token (added to `ppo.stop_token_ids`).
+      extra_stop_tokens: more tokens (as strings, each a single token) that end a response.
+      chat_template: a Jinja chat template replacing the tokenizer's (for `data.chat`).
+    """
+
+    path: str | None = None
+    pad_token: str | None = None
+    stop_at_eos: bool = True
+    extra_stop_tokens: tuple[str, ...] = ()
+    chat_template: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """A prompt dataset.
+
+    Attributes:
+      path: a local `.jsonl` / `.json` / `.parquet` / `.csv` file, a `datasets.save_to_disk`
+        directory, or a hub dataset id (needs the `datasets` package and network).
+      format: "auto" (from the file extension / directory), or one of "jsonl", "json",
+        "parquet", "csv", "disk" (save_to_disk directory), "hub".
+      split: split of a hub dataset or a saved `DatasetDict`.
+      column: the column holding the prompt.
+      chat: the column holds a chat (a list of `{"role", "content"}` messages, or a string taken
+        as one user message), rendered with the tokenizer's chat template and the generation
+        prompt; trailing assistant messages are dropped.
+      add_special_tokens: let the tokenizer add its special tokens (e.g. BOS) to plain-text
+        prompts (chat templates insert their own).
+      max_prompt_length: prompts are left-padded to this many tokens.
+      truncation: longer prompts are cut from the "left" (keeping the end) or dropped ("drop").
+      shuffle: visit the prompts in a fresh random order every epoch (seeded by `seed`).
+      max_prompts: use only the first N prompts (after dropping over-long ones).
+      reward_columns: dataset columns passed to a reward function as keyword lists, one value
+        per completion (e.g. reference answers for a verifiable reward).
+    """
+
+    path: str
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "disk", "hub"] = "auto"
+    split: str = "train"
+    column: str = "prompt"
+    chat: bool = False
+    add_special_tokens: bool = True
+    max_prompt_length: int = 512
+    truncation: Literal["left", "drop"] = "drop"
+    shuffle: bool = True
+    max_prompts: int | None = None
+    reward_columns: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1, got {self.max_prompt_length}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1 or null, got {self.max_prompts}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoggingConfig:
+    """What the trainer reports (only process 0 writes).
+
+    Attributes:
+      log_every: print a compact metrics line every N iterations (metrics.jsonl gets every one).
+      sample_every: print and record a table of sample completions every N iterations (0: off).
+      num_samples: rows in that table.
+      progress_bar: show a tqdm progress bar with ETA.
+      tensorboard: write TensorBoard event files to `run_dir/tensorboard`.
+      wandb: log to Weights & Biases (needs the `wandb` package).
+      wandb_project, wandb_name: W&B project and run name (default: the run directory's name).
+      plot: write PNG curves to `run_dir/plots` at the end of the run.
+    """
+
+    log_every: int = 10
+    sample_every: int = 50
+    num_samples: int = 4
+    progress_bar: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "rlhf-jax"
+    wandb_name: str | None = None
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1 or self.sample_every < 0 or self.num_samples < 1:
+            raise ValueError(
+                "need log_every >= 1, sample_every >= 0 and num_samples >= 1, got "
+                f"{self.log_every}, {self.sample_every}, {self.num_samples}"
+            )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints in `run_dir/checkpoints/<iteration>`.
+
+    Attributes:
+      every: save every N iterations (0: only at the end and on SIGINT/SIGTERM).
+      keep: keep the newest K checkpoints.
+      async_save: write in a background thread while training continues.
+    """
+
+    every: int = 100
+    keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.keep < 1:
+            raise ValueError(f"need every >= 0 and keep >= 1, got {self.every}, {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPORunConfig:
+    """Everything `rlhf-jax train ppo` needs.
+
+    Attributes:
+      run_dir: output directory (config, logs, checkpoints, tokenizer, plots).
+      seed: seeds the PRNG key of the run and the data order.
+      stop_after: stop (with a checkpoint) once this many iterations are done, without changing
+        the learning-rate schedule; for splitting a run into time-limited jobs. None: run to
+        `ppo.total_iterations`.
+      compilation_cache: directory for JAX's persistent compilation cache (None: off).
+      models, tokenizer, data, logging, checkpoint: see their classes.
+      ppo: `rlhf_jax.ppo.PPOConfig`; `pad_token_id` comes from the tokenizer and the tokenizer's
+        stop tokens are added to `stop_token_ids`.
+      mesh: `rlhf_jax.sharding.MeshConfig`, the `(data, fsdp, tensor)` device mesh.
+    """
+
+    run_dir: str
+    seed: int = 0
+    stop_after: int | None = None
+    compilation_cache: str | None = None
+    models: ModelsConfig
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig
+    ppo: PPOConfig
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 or null, got {self.stop_after}")
+
+
+# ------------------------------------------------------------------------------------- loading
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    key = getattr(err, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
+def _dataclass_fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _required_keys(cls: type, prefix: str = "") -> list[str]:
+    """Dotted names of the fields without defaults, recursively."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = _dataclass_fields(cls)[f.name]
+        no_default = (
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        )
+        if no_default and dataclasses.is_dataclass(hint):
+            out.extend(_required_keys(hint, f"{prefix}{f.name}."))
+        elif no_default:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def _locate_value_error(node: DictConfig, cls: type, prefix: str) -> tuple[str, Exception] | None:
+    """Finds the innermost section whose dataclass rejects its values."""
+    for name, hint in _dataclass_fields(cls).items():
+        if dataclasses.is_dataclass(hint) and isinstance(node.get(name), DictConfig):
+            found = _locate_value_error(node[name], hint, f"{prefix}{name}.")
+            if found is not None:
+                return found
+    try:
+        OmegaConf.to_object(node)
+    except (ValueError, TypeError) as err:
+        return prefix.rstrip(".") or "<top level>", err
+    return None
+
+
+def _schema(cls: type) -> DictConfig:
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"expected a dataclass type, got {cls!r}")
+    return OmegaConf.structured(cls)
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    values: Mapping[str, Any] | None = None,
+) -> T:
+    """Builds a frozen config dataclass from a YAML file, a mapping and dotted overrides.
+
+    Args:
+      cls: the config dataclass (nested dataclasses become YAML sections).
+      path: YAML file (optional).
+      overrides: `"key.sub=value"` strings applied in order after the file (values are parsed as
+        YAML: `ppo.stop_token_ids=[0,2]`, `models.value=null`).
+      values: a mapping merged after the file and before the overrides.
+    Returns:
+      An instance of `cls`.
+    Raises:
+      ConfigError: unreadable file, unknown key, wrong type, missing required value or a value a
+        dataclass rejects; the message names the key.
+    """
+    merged = _schema(cls)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends
+            raise ConfigError(f"cannot parse {path}: {err}") from err
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"{path} must hold a mapping of sections, got a list")
+        try:
+            merged = OmegaConf.merge(merged, file_cfg)
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"{path}: {_describe(err)}") from err
+    if values:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(dict(values)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(_describe(err)) from err
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_describe(err)}") from err
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        hints = dict(_dataclass_fields(cls))
+        needed = []
+        for key in missing:
+            hint = hints.get(key)
+            if hint is not None and dataclasses.is_dataclass(hint):
+                needed.extend(_required_keys(hint, f"{key}."))
+            else:
+                needed.append(key)
+        raise ConfigError(
+            "missing required value(s): " + ", ".join(needed) + " (set them in the YAML file or "
+            "as key=value overrides)"
+        )
+    try:
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from err
+    except (ValueError, TypeError) as err:
+        found = _locate_value_error(merged, cls, "")
+        where, cause = found if found is not None else ("<config>", err)
+        raise ConfigError(f"{where}: {cause}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain nested dicts/lists (JSON- and YAML-safe)."""
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML that `load_config` reads back to an equal object."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Writes `to_yaml(config)` to `path`."""
+    Path(path).write_text(to_yaml(config))
+
+
+def diff_configs(a: Any, b: Any, ignore: Sequence[str] = ()) -> list[str]:
+    """Dotted keys whose values differ between two configs of the same class (for resume
+    checks); keys starting with any prefix in `ignore` are skipped."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(d, dict):
+            out: dict[str, Any] = {}
+            for k, v in d.items():
+                out |= flat(v, f"{prefix}{k}.")
+            return out
+        return {prefix[:-1]: d}
+
+    fa, fb = flat(to_dict(a)), flat(to_dict(b))
+    keys = sorted(set(fa) | set(fb))
+    return [k for k in keys if fa.get(k) != fb.get(k) and not any(k.startswith(p) for p in ignore)]
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A trainer the CLI can run as `rlhf-jax train NAME`.
+
+    `config` is the run-config dataclass, `run` a function `run(config, *, resume: bool) -> Any`.
+    Either may be given as an import string `"package.module:attribute"`, resolved on first use,
+    so registering costs no imports.
+    """
+
+    name: str
+    config: type | str
+    run: Callable[..., Any] | str
+    help: str = ""
+
+    def config_class(self) -> type:
+        return _resolve(self.config) if isinstance(self.config, str) else self.config
+
+    def run_fn(self) -> Callable[..., Any]:
+        return _resolve(self.run) if isinstance(self.run, str) else self.run
+
+
+def _resolve(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_ALGORITHMS: dict[str, Algorithm] = {}
+ENTRY_POINT_GROUP = "rlhf_jax.algorithms"
+
+
+def register_algorithm(
+    name: str,
+    *,
+    config: type | str,
+    run: Callable[..., Any] | str,
+    help: str = "",
+    replace: bool = False,
+) -> Algorithm:
+    """Registers `rlhf-jax train NAME`. Packages can also register through the entry-point group
+    `rlhf_jax.algorithms`, whose entries load to an `Algorithm`."""
+    if name in _ALGORITHMS and not replace:
+        raise ValueError(f"algorithm {name!r} is already registered; pass replace=True")
+    algorithm = Algorithm(name=name, config=config, run=run, help=help)
+    _ALGORITHMS[name] = algorithm
+    return algorithm
+
+
+def algorithms() -> dict[str, Algorithm]:
+    """The registered algorithms (built-ins plus entry points), by name."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name not in _ALGORITHMS:
+            algorithm = entry.load()
+            if not isinstance(algorithm, Algorithm):
+                raise TypeError(f"entry point {entry.name!r} must load to an Algorithm")
+            _ALGORITHMS[entry.name] = algorithm
+    return dict(_ALGORITHMS)
+
+
+register_algorithm(
+    "ppo",
+    config="rlhf_jax.config:PPORunConfig",
+    run="rlhf_jax.trainer:train_ppo",
+    help="PPO with a reward model or a reward function (TRL PPOTrainer semantics)",
+)

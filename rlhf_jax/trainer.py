@@ -1,0 +1,821 @@
+"""The PPO training loop: `rlhf-jax train ppo` as a function, `train_ppo(config)`.
+
+Each iteration takes the next batch of prompts from the dataset and runs the pure functions of
+`rlhf_jax.ppo` on a device mesh:
+
+- reward model: one jitted step, `make_experience` + `finish_iteration` (the body of
+  `ppo.ppo_iteration`, also returning the responses and scores for the sample tables);
+- reward function (`models.reward_function`): jitted `ppo.rollout` -> decode on the host ->
+  `scores = reward_fn(prompts, completions, prompt_tokens, completion_tokens)` -> jitted
+  `ppo.build_experience` + `ppo.finish_iteration`.
+
+Everything that can be checked without compute is checked first (paths, heads, tokenizer/model
+vocabularies, the mesh against the batch size, the dataset). The train state (policy and value
+params, both optimiser states, the KL controller, the counters), the PRNG key and the data
+position are checkpointed with Orbax; `resume=True` continues from the newest complete checkpoint
+and reproduces an uninterrupted run exactly. Non-finite rewards, losses or gradients stop the run
+before anything of that iteration is saved. SIGINT/SIGTERM finish the current iteration, save a
+checkpoint and return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlhf_jax import checkpoint as ckpt
+from rlhf_jax import config as cfg
+from rlhf_jax import data, models, ppo, sharding
+from rlhf_jax import logging as run_logging
+from rlhf_jax.sampling import SamplingConfig, generate
+
+Params = Any
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class SetupError(ValueError):
+    """The run cannot start (found before any compute); the message says how to fix it."""
+
+
+class TrainResult(NamedTuple):
+    """What `train_ppo` returns.
+
+    Attributes:
+      run_dir: the run directory.
+      iteration: iterations completed.
+      status: "finished" (reached `ppo.total_iterations`), "stopped" (reached `stop_after`) or
+        "interrupted" (SIGINT/SIGTERM; a checkpoint was saved).
+      metrics: the last iteration's metrics (empty if none ran).
+      checkpoint: the newest checkpoint directory, if any.
+    """
+
+    run_dir: Path
+    iteration: int
+    status: str
+    metrics: dict[str, float]
+    checkpoint: Path | None
+
+
+# ---------------------------------------------------------------------------- reward functions
+
+
+class RewardHook(Protocol):
+    """A host reward: decoded prompts and completions (and their token ids, without padding;
+    completions include the stop token) -> one float per completion, plus metrics to log.
+    `columns` are the dataset's `data.reward_columns` for the batch."""
+
+    def __call__(
+        self,
+        prompts: list[str],
+        completions: list[str],
+        prompt_tokens: list[list[int]],
+        completion_tokens: list[list[int]],
+        columns: Mapping[str, list[Any]],
+    ) -> tuple[np.ndarray, dict[str, float]]: ...
+
+
+def reward_hook(spec: str) -> RewardHook:
+    """A `RewardHook` around the `"module:function"` reward function, called TRL-style with
+    keyword arguments `prompts`, `completions`, `prompt_ids`, `completion_ids` and the dataset
+    columns (see `rlhf_jax.reward_functions`). Raises `RewardFunctionError` when the function
+    cannot be imported."""
+    from rlhf_jax import reward_functions
+
+    terms = reward_functions.reward_terms([spec])
+
+    def hook(prompts, completions, prompt_tokens, completion_tokens, columns):
+        return reward_functions.compute_rewards(
+            terms,
+            prompts,
+            completions,
+            columns={"prompt_ids": prompt_tokens, "completion_ids": completion_tokens, **columns},
+        )
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+def resolve_model_path(path: str, key: str) -> Path:
+    """A local HF model directory for `path`; hub ids are downloaded when the network allows.
+
+    Raises:
+      SetupError: naming the config key, with the fix.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise SetupError(
+                f"{key}={path!r} is not a Hugging Face model directory (no config.json); point it "
+                "at the directory holding config.json and the *.safetensors weights"
+            )
+        return local
+    if _HUB_ID.match(path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(
+                snapshot_download(
+                    path,
+                    allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+                )
+            )
+        except Exception as err:
+            raise SetupError(
+                f"{key}={path!r} is not a local directory and could not be downloaded from the "
+                f"hub ({type(err).__name__}: {err}). Download it where the network allows "
+                f"(`huggingface-cli download {path} --local-dir DIR`) and set {key}=DIR"
+            ) from err
+    raise SetupError(f"{key}={path!r} does not exist; set it to a local model directory")
+
+
+def read_model_config(
+    path: Path, key: str, *, head: str, models_config: cfg.ModelsConfig
+) -> models.ModelConfig:
+    """The `ModelConfig` of the checkpoint at `path` (config.json only; no weights are read),
+    with the run's dtypes and remat, checked to have the expected `head`."""
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        config = models.config_from_hf(hf_config)
+    except Exception as err:
+        raise SetupError(f"{key}={str(path)!r}: cannot read its config.json ({err})") from err
+    if head == "lm" and config.head != "lm":
+        raise SetupError(
+            f"{key}={str(path)!r} is a {config.head!r}-head model; the policy must be a causal LM"
+        )
+    if head == "score" and (config.head != "score" or config.num_labels != 1):
+        raise SetupError(
+            f"{key}={str(path)!r} must be a sequence classifier with one label (a reward or value "
+            f"model, *ForSequenceClassification with num_labels=1); got head={config.head!r}, "
+            f"num_labels={config.num_labels}"
+        )
+    return dataclasses.replace(
+        config,
+        dtype=models_config.dtype,
+        param_dtype=models_config.param_dtype,
+        remat=models_config.remat,
+    )
+
+
+def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Params, Any]:
+    """A value model from a policy: the same trunk, no LM head, a zero-initialised score head
+    (values start at 0)."""
+    trunk = {k: v for k, v in params.items() if k != "lm_head"}
+    dtype = config.params_dtype
+    kernel = jnp.zeros((config.hidden_size, 1), dtype)
+    return {**trunk, "score": {"kernel": kernel}}, dataclasses.replace(
+        config, head="score", num_labels=1
+    )
+
+
+def _load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
+    """Weights of `path` converted to `config.param_dtype` and placed with the mesh shardings."""
+    params, _ = models.load(path, dtype=config.param_dtype, allow_pickle=allow_pickle)
+    host = jax.device_get(params)
+    del params
+    return sharding.shard_params(host, models.logical_axes(config), mesh)
+
+
+# ----------------------------------------------------------------------------------- programs
+
+
+class Samples(NamedTuple):
+    """Responses `[B, T]`, their mask and scores `[B]`, for sample tables."""
+
+    responses: jax.Array
+    mask: jax.Array
+    scores: jax.Array
+
+
+class _Programs(NamedTuple):
+    state_shardings: ppo.PPOState
+    frozen_shardings: ppo.FrozenParams
+    abstract_state: ppo.PPOState
+    init: Callable[..., ppo.PPOState]
+    step: Callable[..., Any] | None
+    rollout: Callable[..., Any] | None
+    finish: Callable[..., Any] | None
+
+
+def _param_shardings(config: models.ModelConfig, mesh) -> Params:
+    abstract = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+    return sharding.logical_to_sharding(models.logical_axes(config), abstract, mesh)
+
+
+@functools.cache
+def _programs(
+    ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh, host_reward: bool
+) -> _Programs:
+    """The jitted functions of a run (cached: runs with the same configs and mesh share them)."""
+    rep = sharding.replicated(mesh)
+    policy = _param_shardings(ppo_models.policy, mesh)
+    value = _param_shardings(ppo_models.value, mesh)
+    abstract_params = functools.partial(jax.eval_shape, models.init_params)
+    init_fn = lambda p, v: ppo.init_state(p, v, ppo_config)
+    abstract = jax.eval_shape(
+        init_fn,
+        abstract_params(ppo_models.policy, jax.random.key(0)),
+        abstract_params(ppo_models.value, jax.random.key(0)),
+    )
+    state_sh = ppo.PPOState(
+        policy_params=policy,
+        value_params=value,
+        policy_opt_state=sharding.optimizer_state_shardings(
+            abstract.policy_opt_state, policy, mesh
+        ),
+        value_opt_state=sharding.optimizer_state_shardings(abstract.value_opt_state, value, mesh),
+        kl=jax.tree.map(lambda _: rep, abstract.kl),
+        iteration=rep,
+        episode=rep,
+    )
+    frozen_sh = ppo.FrozenParams(
+        ref=policy, reward=None if host_reward else _param_shardings(ppo_models.reward, mesh)
+    )
+    batch2, batch1 = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
+    init = jax.jit(init_fn, out_shardings=state_sh)
+    kwargs = dict(config=ppo_config, ppo_models=ppo_models)
+    if not host_reward:
+
+        def step(state, frozen, prompts, mask, key):
+            rollout_key, update_key = jax.random.split(key)
+            exp, exp_metrics = ppo.make_experience(
+                state, frozen, prompts, mask, rollout_key, **kwargs
+            )
+            state, metrics = ppo.finish_iteration(state, exp, exp_metrics, update_key, **kwargs)
+            return state, metrics, Samples(exp.responses, exp.mask, exp.scores)
+
+        out = (state_sh, rep, Samples(batch2, batch2, batch1))
+        jitted = jax.jit(step, out_shardings=out, donate_argnums=(0,))
+        return _Programs(state_sh, frozen_sh, abstract, init, jitted, None, None)
+
+    def rollout(state, frozen, prompts, mask, key):
+        return ppo.rollout(state, frozen, prompts, mask, key, **kwargs)
+
+    def finish(state, roll, scores, key):
+        exp, exp_metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=ppo_config)
+        return ppo.finish_iteration(state, exp, exp_metrics, key, **kwargs)
+
+    return _Programs(
+        state_sh,
+        frozen_sh,
+        abstract,
+        init,
+        None,
+        jax.jit(rollout),
+        jax.jit(finish, out_shardings=(state_sh, rep), donate_argnums=(0,)),
+    )
+
+
+def _to_host(tree: Any) -> Any:
+    """Numpy copies of (possibly sharded, multi-process) arrays: the global values."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
+
+
+# -------------------------------------------------------------------------------------- setup
+
+
+@dataclasses.dataclass
+class _Setup:
+    config: cfg.PPORunConfig
+    run_dir: Path
+    tokenizer: Any
+    dataset: data.PromptDataset
+    ppo_config: ppo.PPOConfig
+    ppo_models: ppo.PPOModels
+    paths: dict[str, Path]
+    devices: list[Any]
+    checkpointer: ckpt.Checkpointer
+    resume_step: int | None
+    reward_fn: RewardHook | None
+
+
+def _check_vocab(tokenizer: Any, config: models.ModelConfig, key: str) -> None:
+    size = len(tokenizer)
+    if size > config.vocab_size:
+        raise SetupError(
+            f"the tokenizer has {size} tokens but {key}'s vocabulary has {config.vocab_size}: "
+            "they do not belong together (or a new pad token does not fit); set tokenizer.path "
+            "to the model's tokenizer, or tokenizer.pad_token to an existing token"
+        )
+
+
+def _check_mesh(config: cfg.PPORunConfig, devices: Sequence[Any]) -> None:
+    try:
+        data_size, fsdp, _ = config.mesh.resolve(len(devices))
+    except ValueError as err:
+        raise SetupError(f"mesh: {err}") from err
+    shards = data_size * fsdp
+    batch = config.ppo.batch_size
+    if batch % shards:
+        raise SetupError(
+            f"ppo.batch_size={batch} is not divisible by the mesh's data x fsdp = {shards} "
+            f"(mesh {data_size}x{fsdp}x{config.mesh.resolve(len(devices))[2]} over "
+            f"{len(devices)} devices); make ppo.batch_size a multiple of {shards} or change mesh"
+        )
+    if batch % jax.process_count():
+        raise SetupError(
+            f"ppo.batch_size={batch} must divide over the {jax.process_count()} processes"
+        )
+
+
+def prepare_ppo(
+    config: cfg.PPORunConfig, *, resume: bool = False, devices: Sequence[Any] | None = None
+) -> _Setup:
+    """Every check that needs no compute: paths, tokenizer, model configs and vocabularies, the
+    mesh, the dataset, the run directory's checkpoints. Raises SetupError/DataError."""
+    mc = config.models
+    paths = {"policy": resolve_model_path(mc.policy, "models.policy")}
+    if mc.reward is not None:
+        paths["reward"] = resolve_model_path(mc.reward, "models.reward")
+    if mc.value is not None:
+        paths["value"] = resolve_model_path(mc.value, "models.value")
+    tokenizer = data.load_tokenizer(config.tokenizer, str(paths["policy"]))
+    policy_cfg = read_model_config(paths["policy"], "models.policy", head="lm", models_config=mc)
+    configs = {"policy": policy_cfg}
+    for name in ("reward", "value"):
+        if name in paths:
+            configs[name] = read_model_config(
+                paths[name], f"models.{name}", head="score", models_config=mc
+            )
+    for name, model_config in configs.items():
+        _check_vocab(tokenizer, model_config, f"models.{name}")
+    if "value" not in configs:
+        if "reward" in configs:
+            configs["value"] = configs["reward"]
+        else:
+            configs["value"] = dataclasses.replace(policy_cfg, head="score", num_labels=1)
+    try:
+        ppo_models = ppo.PPOModels(
+            policy=policy_cfg,
+            value=configs["value"],
+            reward=configs.get("reward", configs["value"]),
+        )
+    except ValueError as err:
+        raise SetupError(f"models: {err}") from err
+    pad_id = int(tokenizer.pad_token_id)
+    if config.ppo.pad_token_id not in (0, pad_id):
+        raise SetupError(
+            f"ppo.pad_token_id={config.ppo.pad_token_id} differs from the tokenizer's pad token "
+            f"id {pad_id}; leave ppo.pad_token_id unset (it is taken from the tokenizer)"
+        )
+    stops = tuple(
+        dict.fromkeys(
+            (*config.ppo.stop_token_ids, *data.stop_token_ids(tokenizer, config.tokenizer))
+        )
+    )
+    try:
+        ppo_config = dataclasses.replace(config.ppo, pad_token_id=pad_id, stop_token_ids=stops)
+    except ValueError as err:
+        raise SetupError(f"ppo: {err}") from err
+    devices = list(devices) if devices is not None else jax.devices()
+    _check_mesh(config, devices)
+    dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
+    reward_fn = reward_hook(mc.reward_function) if mc.reward_function is not None else None
+    run_dir = Path(config.run_dir).absolute()
+    checkpointer = ckpt.Checkpointer(
+        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        checkpointer.close()
+        raise SetupError(
+            f"{run_dir} already has checkpoints (newest: iteration {latest}); pass --resume to "
+            "continue that run, or choose another run_dir"
+        )
+    return _Setup(
+        config=config,
+        run_dir=run_dir,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        ppo_config=ppo_config,
+        ppo_models=ppo_models,
+        paths=paths,
+        devices=devices,
+        checkpointer=checkpointer,
+        resume_step=latest if resume else None,
+        reward_fn=reward_fn,
+    )
+
+
+# ---------------------------------------------------------------------------------- signals
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between iterations (a second signal of the same
+    kind acts immediately)."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """Whether any process got a signal (all processes agree, so they stop together)."""
+        flag = self.signal is not None
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+        return flag
+
+
+# ----------------------------------------------------------------------------------- training
+
+
+def train_ppo(
+    config: cfg.PPORunConfig, *, resume: bool = False, devices: Sequence[Any] | None = None
+) -> TrainResult:
+    """Runs (or resumes) PPO as configured.
+
+    Args:
+      config: the run config.
+      resume: continue from the newest complete checkpoint in `config.run_dir` (start fresh if
+        there is none). Without it, a run directory with checkpoints is an error.
+      devices: the devices of the mesh (default: all).
+    Returns:
+      A `TrainResult`.
+    Raises:
+      SetupError, data.DataError, config.ConfigError: before any compute.
+      ppo.NonFiniteError: an iteration produced NaN/inf (nothing of it was saved).
+      reward_functions.RewardFunctionError: the reward function failed or returned NaN/inf.
+    """
+    setup = prepare_ppo(config, resume=resume, devices=devices)
+    try:
+        return _train(setup)
+    finally:
+        setup.checkpointer.close()
+
+
+def _train(setup: _Setup) -> TrainResult:
+    config, run_dir, tok = setup.config, setup.run_dir, setup.tokenizer
+    main = sharding.is_main_process()
+    if config.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_config(config, run_dir / "config.yaml")
+        tok.save_pretrained(str(run_dir / ckpt.TOKENIZER_DIR))
+    mesh = sharding.make_mesh(config.mesh, setup.devices)
+    host_reward = setup.reward_fn is not None
+    pm, pc = setup.ppo_models, setup.ppo_config
+    programs = _programs(pc, pm, mesh, host_reward)
+    mc = config.models
+
+    with sharding.with_rules(mesh):
+        policy = _load_params(setup.paths["policy"], pm.policy, mesh, mc.allow_pickle)
+        reward = None
+        if "reward" in setup.paths:
+            reward = _load_params(setup.paths["reward"], pm.reward, mesh, mc.allow_pickle)
+        if "value" in setup.paths:
+            value = _load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
+        elif reward is not None:
+            value = reward  # init_state copies it (models.value_from_reward semantics)
+        else:
+            value = sharding.shard_params(
+                jax.device_get(value_from_policy(policy, pm.policy)[0]),
+                models.logical_axes(pm.value),
+                mesh,
+            )
+        frozen = ppo.FrozenParams(ref=policy, reward=reward)
+        key = jax.random.key(config.seed)
+        position = data.DataPosition()
+        if setup.resume_step is not None:
+            state, key, position = _restore(setup, programs, key)
+        else:
+            state = programs.init(policy, value)
+        del value
+
+    start = int(state.iteration)
+    total = pc.total_iterations
+    end = min(total, config.stop_after or total)
+    logger = run_logging.RunLogger(
+        run_dir,
+        config.logging,
+        total_iterations=total,
+        start_iteration=start,
+        run_config=cfg.to_dict(config),
+        enabled=main,
+    )
+    ds = setup.dataset
+    logger.message(
+        f"{len(ds)} prompts of {config.data.path}"
+        + (f" ({ds.num_truncated} truncated from the left)" if ds.num_truncated else "")
+        + (f" ({ds.num_dropped} longer than max_prompt_length dropped)" if ds.num_dropped else "")
+        + (f"; resumed at iteration {start}" if setup.resume_step is not None else "")
+    )
+    rows_per_process = pc.batch_size // jax.process_count()
+    local = slice(
+        jax.process_index() * rows_per_process, (jax.process_index() + 1) * rows_per_process
+    )
+    metrics: dict[str, float] = {}
+    status = "finished" if end == total else "stopped"
+    iteration = start
+    try:
+        with _StopRequest() as stop:
+            while iteration < end:
+                t0 = time.perf_counter()
+                rows, next_position = data.batch_indices(
+                    len(ds), pc.batch_size, position, seed=config.seed, shuffle=config.data.shuffle
+                )
+                prompts, mask = sharding.place_batch(
+                    (ds.tokens[rows][local], ds.mask[rows][local]), mesh
+                )
+                key, iteration_key = jax.random.split(key)
+                with sharding.with_rules(mesh):
+                    if host_reward:
+                        state, metrics, samples = _host_iteration(
+                            setup,
+                            programs,
+                            state,
+                            frozen,
+                            prompts,
+                            mask,
+                            iteration_key,
+                            rows,
+                            iteration + 1,
+                            mesh,
+                            local,
+                        )
+                    else:
+                        state, device_metrics, samples = programs.step(
+                            state, frozen, prompts, mask, iteration_key
+                        )
+                        metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
+                iteration += 1
+                ppo.check_finite(metrics, iteration)
+                position = next_position
+                seconds = time.perf_counter() - t0
+                tokens = float(metrics.get("response/length_mean", 0.0)) * pc.batch_size
+                logger.log(
+                    iteration,
+                    metrics,
+                    timings={"iteration_seconds": seconds, "tokens_per_second": tokens / seconds},
+                )
+                every = config.logging.sample_every
+                if every and (iteration % every == 0 or iteration == end):
+                    logger.samples(iteration, _sample_rows(setup, rows, samples))
+                stopping = stop.requested()
+                due = config.checkpoint.every and iteration % config.checkpoint.every == 0
+                if due or stopping or iteration == end:
+                    _save(setup, state, key, position, iteration)
+                if stopping:
+                    status = "interrupted"
+                    logger.message(
+                        f"{stop.signal or 'a signal'}: saved a checkpoint at iteration "
+                        f"{iteration} and stopped; continue with --resume"
+                    )
+                    break
+        setup.checkpointer.wait()
+    finally:
+        setup.checkpointer.wait()
+        logger.close()
+    if main and config.logging.plot and (run_dir / run_logging.METRICS_FILE).exists():
+        run_logging.plot_run(run_dir)
+    latest = setup.checkpointer.latest_step()
+    return TrainResult(
+        run_dir=run_dir,
+        iteration=iteration,
+        status=status,
+        metrics=metrics,
+        checkpoint=None if latest is None else setup.checkpointer.directory / str(latest),
+    )
+
+
+def _host_iteration(
+    setup: _Setup,
+    programs: _Programs,
+    state,
+    frozen,
+    prompts,
+    mask,
+    key,
+    rows,
+    iteration,
+    mesh,
+    local,
+):
+    rollout_key, update_key = jax.random.split(key)
+    roll = programs.rollout(state, frozen, prompts, mask, rollout_key)
+    gen = _to_host(roll.generation)
+    tokens, response_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
+    ds, tok = setup.dataset, setup.tokenizer
+    prompt_tokens = [ds.tokens[r][ds.mask[r]].tolist() for r in rows]
+    completion_tokens = [t[m].tolist() for t, m in zip(tokens, response_mask)]
+    completions = tok.batch_decode(completion_tokens, skip_special_tokens=True)
+    columns = {name: [ds.columns[name][r] for r in rows] for name in ds.columns}
+    try:
+        scores, reward_metrics = setup.reward_fn(
+            [ds.texts[r] for r in rows], completions, prompt_tokens, completion_tokens, columns
+        )
+    except ValueError as err:
+        raise type(err)(f"iteration {iteration}: {err}") from err
+    scores = np.asarray(scores, np.float32)
+    placed = sharding.place_batch(scores[local], mesh)
+    state, device_metrics = programs.finish(state, roll, placed, update_key)
+    metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
+    metrics.update(reward_metrics)
+    return state, metrics, Samples(tokens, response_mask, scores)
+
+
+def _sample_rows(setup: _Setup, rows: np.ndarray, samples: Samples) -> list[dict[str, Any]]:
+    n = setup.config.logging.num_samples
+    host = _to_host(samples)
+    responses, mask = np.asarray(host.responses)[:n], np.asarray(host.mask, bool)[:n]
+    texts = setup.tokenizer.batch_decode(
+        [r[m].tolist() for r, m in zip(responses, mask)], skip_special_tokens=True
+    )
+    return [
+        {"prompt": setup.dataset.texts[r], "completion": t, "score": float(s)}
+        for r, t, s in zip(rows[:n], texts, np.asarray(host.scores)[:n])
+    ]
+
+
+# ------------------------------------------------------------------------------- checkpoints
+
+
+def _items(state: ppo.PPOState, key_data: Any) -> dict[str, Any]:
+    return {
+        "policy": state.policy_params,
+        "value": state.value_params,
+        "train_state": {
+            "policy_opt_state": state.policy_opt_state,
+            "value_opt_state": state.value_opt_state,
+            "kl": state.kl,
+            "iteration": state.iteration,
+            "episode": state.episode,
+            "rng": key_data,
+        },
+    }
+
+
+def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, position, iteration: int) -> None:
+    meta = {
+        "algorithm": "ppo",
+        "data_position": [int(position.epoch), int(position.index)],
+        "rng_impl": str(jax.random.key_impl(key)),
+        "models": {
+            "policy": ckpt.model_config_to_dict(setup.ppo_models.policy),
+            "value": ckpt.model_config_to_dict(setup.ppo_models.value),
+        },
+        "num_prompts": len(setup.dataset),
+    }
+    setup.checkpointer.save(iteration, _items(state, jax.random.key_data(key)), meta)
+
+
+def _restore(setup: _Setup, programs: _Programs, key: jax.Array):
+    shardings = programs.state_shardings
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        programs.abstract_state,
+        shardings,
+    )
+    key_data = jax.random.key_data(key)
+    rng = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=shardings.iteration)
+    items, meta = setup.checkpointer.restore(setup.resume_step, _items(abstract, rng))
+    if meta.get("num_prompts") != len(setup.dataset):
+        raise SetupError(
+            f"the checkpoint was written with {meta.get('num_prompts')} prompts but the dataset "
+            f"now has {len(setup.dataset)}; resume with the same data section"
+        )
+    train_state = items["train_state"]
+    state = ppo.PPOState(
+        policy_params=items["policy"],
+        value_params=items["value"],
+        policy_opt_state=train_state["policy_opt_state"],
+        value_opt_state=train_state["value_opt_state"],
+        kl=train_state["kl"],
+        iteration=train_state["iteration"],
+        episode=train_state["episode"],
+    )
+    restored_key = jax.random.wrap_key_data(train_state["rng"], impl=meta["rng_impl"])
+    return state, restored_key, data.DataPosition(*meta["data_position"])
+
+
+# -------------------------------------------------------------------------------- generation
+
+
+def load_policy(path: str | Path, *, dtype: str | None = None) -> tuple[Params, Any, Any]:
+    """`(params, model_config, tokenizer)` of a causal LM: an HF directory (with its tokenizer)
+    or one of our checkpoints (`RUN/checkpoints/<iteration>` or a run directory, with the run's
+    saved tokenizer)."""
+    import transformers
+
+    path = Path(path)
+    is_checkpoint = (path / ckpt.META).is_dir() or (path / ckpt.CHECKPOINTS_DIR).is_dir()
+    if is_checkpoint:
+        params, config = ckpt.restore_params(path, "policy")
+        tokenizer = ckpt.load_run_tokenizer(path)
+        if dtype is not None:
+            config = dataclasses.replace(config, dtype=dtype)
+        return params, config, tokenizer
+    local = resolve_model_path(str(path), "--model")
+    params, config = models.load(local, dtype=dtype)
+    if config.head != "lm":
+        raise SetupError(f"{path} is a {config.head!r}-head model; generate needs a causal LM")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(local))
+    return params, config, tokenizer
+
+
+def generate_completions(
+    params: Params,
+    model_config: models.ModelConfig,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+) -> list[dict[str, Any]]:
+    """Completes text prompts (left-padded into one batch; stops at the tokenizer's EOS).
+
+    Returns one dict per prompt: `prompt`, `completion` (decoded, special tokens skipped),
+    `prompt_token_ids`, `token_ids` (the response tokens up to and including the stop token)
+    and `stopped`.
+    """
+    if not prompts:
+        raise ValueError("give at least one prompt")
+    _check_vocab(tokenizer, model_config, "the model")
+    if chat:
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        encoded = tokenizer(list(prompts))["input_ids"]
+    if any(len(ids) == 0 for ids in encoded):
+        raise ValueError("a prompt tokenizes to nothing")
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    length = max(len(ids) for ids in encoded)
+    tokens = np.full((len(encoded), length), pad, np.int32)
+    mask = np.zeros((len(encoded), length), bool)
+    for i, ids in enumerate(encoded):
+        tokens[i, length - len(ids) :] = ids
+        mask[i, length - len(ids) :] = True
+    sampling = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=() if eos is None else (int(eos),),
+        pad_token_id=int(pad),
+    )
+    gen = jax.jit(generate, static_argnums=(1, 5))(
+        params, model_config, tokens, mask, jax.random.key(seed), sampling
+    )
+    out_tokens, out_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
+    results = []
+    for i, prompt in enumerate(prompts):
+        ids = out_tokens[i][out_mask[i]].tolist()
+        results.append(
+            {
+                "prompt": prompt,
+                "completion": tokenizer.decode(ids, skip_special_tokens=True),
+                "prompt_token_ids": list(encoded[i]),
+                "token_ids": ids,
+                "stopped": bool(np.asarray(gen.stopped)[i]),
+            }
+        )
+    return results
