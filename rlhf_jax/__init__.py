@@ -39,6 +39,13 @@ from rlhf_jax.ppo import (
     rollout,
     update,
 )
+from rlhf_jax.reward_model import (
+    PreferenceBatch,
+    make_rm_step,
+    normalize_head,
+    reward_init_from_policy,
+    rm_loss,
+)
 from rlhf_jax.rewards import (
     KLController,
     KLState,
@@ -50,6 +57,15 @@ from rlhf_jax.rewards import (
     shape_rewards,
 )
 from rlhf_jax.sampling import Generation, SamplingConfig, generate
+from rlhf_jax.sft import (
+    SFTBatch,
+    TrainConfig,
+    TrainState,
+    init_train_state,
+    make_sft_step,
+    make_train_step,
+    sft_loss,
+)
 from rlhf_jax.sharding import (
     DEFAULT_RULES,
     MeshConfig,
@@ -63,6 +79,18 @@ from rlhf_jax.sharding import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PreferenceBatch",
+    "SFTBatch",
+    "TrainConfig",
+    "TrainState",
+    "init_train_state",
+    "make_rm_step",
+    "make_sft_step",
+    "make_train_step",
+    "normalize_head",
+    "reward_init_from_policy",
+    "rm_loss",
+    "sft_loss",
     "DEFAULT_RULES",
     "Experience",
     "FrozenParams",

@@ -1,0 +1,148 @@
+"""Supervised fine-tuning: masked next-token loss on completion tokens, as a pure jitted step.
+
+Also holds the small pieces SFT and reward-model training share: `TrainConfig` (optimiser and
+schedule), `TrainState` and `make_train_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax import models
+from rlhf_jax.logprobs import logprobs_from_hidden
+from rlhf_jax.ops import masked_mean
+from rlhf_jax.sampling import prompt_positions
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimiser settings for SFT and reward-model training.
+
+    Attributes:
+      learning_rate: peak AdamW learning rate.
+      total_steps: optimiser steps; the rate decays linearly to 0 over them after warmup.
+      warmup_steps: linear warmup from 0.
+      weight_decay, adam_eps: AdamW settings.
+      max_grad_norm: global-norm clipping (None: off).
+      gradient_accumulation_steps: micro-batches averaged per optimiser step (the batch's leading
+        axis must divide by it).
+    """
+
+    learning_rate: float = 1e-4
+    total_steps: int = 1000
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    gradient_accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.warmup_steps < 0 or self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                "total_steps and gradient_accumulation_steps must be >= 1 and warmup_steps >= 0, "
+                f"got {self.total_steps}, {self.gradient_accumulation_steps}, {self.warmup_steps}"
+            )
+
+    def optimizer(self) -> optax.GradientTransformation:
+        decay = optax.linear_schedule(
+            self.learning_rate, 0.0, max(self.total_steps - self.warmup_steps, 1)
+        )
+        if self.warmup_steps:
+            warm = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
+            lr = optax.join_schedules([warm, decay], [self.warmup_steps])
+        else:
+            lr = decay
+        adamw = optax.adamw(lr, eps=self.adam_eps, weight_decay=self.weight_decay)
+        if self.max_grad_norm is None:
+            return adamw
+        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Parameters, optimiser state and step count of a supervised stage (a pytree)."""
+
+    params: Params
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def init_train_state(params: Params, config: TrainConfig) -> TrainState:
+    """A fresh state owning a copy of `params`."""
+    params = jax.tree.map(jnp.copy, params)
+    return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32))
+
+
+LossFn = Callable[[Params, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def make_train_step(
+    loss_fn: LossFn, config: TrainConfig
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """`step(state, batch) -> (state, metrics)`: gradient accumulation over the leading batch
+    axis by `lax.scan`, one AdamW update. `loss_fn(params, micro_batch) -> (loss, aux)`.
+    Jit the result (donate the state)."""
+    tx = config.optimizer()
+    n_acc = config.gradient_accumulation_steps
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        leading = jax.tree.leaves(batch)[0].shape[0]
+        if leading % n_acc:
+            raise ValueError(
+                f"batch of {leading} rows does not divide into {n_acc} accumulation steps"
+            )
+        micro = jax.tree.map(lambda x: x.reshape(n_acc, leading // n_acc, *x.shape[1:]), batch)
+
+        def accumulate(grads, mb):
+            (loss, aux), g = grad_fn(state.params, mb)
+            return jax.tree.map(lambda a, b: a + b / n_acc, grads, g), {**aux, "loss": loss}
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, aux = jax.lax.scan(accumulate, zeros, micro)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics = jax.tree.map(jnp.mean, aux)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
+        return new, metrics
+
+    return step
+
+
+class SFTBatch(NamedTuple):
+    """`tokens`/`mask` int/bool `[B, S]` (prompt + completion, any padding side);
+    `loss_mask` bool `[B, S]`: True on the tokens to be predicted (the completion, its stop token
+    included; prompt and padding False)."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+
+
+def sft_loss(
+    params: Params, config: models.ModelConfig, batch: SFTBatch
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean negative log-likelihood of the `loss_mask` tokens given everything before them.
+
+    Returns `(loss, aux)`; aux `num_tokens` counts the supervised tokens."""
+    tokens, mask = jnp.asarray(batch.tokens), jnp.asarray(batch.mask, bool)
+    hidden, _ = models.forward(params, config, tokens, prompt_positions(mask), mask)
+    targets = tokens[:, 1:]
+    logprobs, _ = logprobs_from_hidden(
+        hidden[:, :-1], targets, lambda h: models.lm_logits(params, config, h)
+    )
+    loss_mask = jnp.asarray(batch.loss_mask, bool)[:, 1:]
+    return -masked_mean(logprobs, loss_mask), {"num_tokens": jnp.sum(loss_mask).astype(jnp.float32)}
+
+
+def make_sft_step(model_config: models.ModelConfig, config: TrainConfig):
+    """The SFT `step(state, SFTBatch) -> (state, metrics)`; jit it."""
+    return make_train_step(lambda p, b: sft_loss(p, model_config, b), config)
