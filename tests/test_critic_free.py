@@ -1,0 +1,459 @@
+"""RLOO, GRPO and REINFORCE++: losses and experience against NumPy transcriptions of TRL /
+OpenRLHF, TRL's loss-type names, learning on a tiny task with a Python reward function, one
+compilation per algorithm, and bad input."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from rlhf_jax import critic_free as cf
+from rlhf_jax import models, ppo
+from rlhf_jax import reward_functions as rf
+from rlhf_jax.ops import INVALID_LOGPROB
+from rlhf_jax.sampling import Generation
+
+# ------------------------------------------------------------------------------ NumPy references
+
+
+def np_k(logp, ref, estimator):
+    logr = ref - logp
+    return {"k1": -logr, "k2": 0.5 * logr**2, "k3": np.expm1(logr) - logr}[estimator]
+
+
+def np_rloo(rewards, k):
+    out = np.zeros(len(rewards))
+    for start in range(0, len(rewards), k):
+        group = rewards[start : start + k]
+        for i in range(k):
+            out[start + i] = group[i] - (group.sum() - group[i]) / (k - 1)
+    return out
+
+
+def np_grpo(rewards, k, scale):
+    out = np.zeros(len(rewards))
+    for start in range(0, len(rewards), k):
+        group = rewards[start : start + k]
+        out[start : start + k] = group - group.mean()
+        if scale == "group":
+            out[start : start + k] /= group.std(ddof=1) + 1e-4
+    if scale == "batch":
+        out /= rewards.std(ddof=1) + 1e-4
+    return out
+
+
+def np_standardize(x):
+    return (x - x.mean()) / (x.std(ddof=1) + 1e-8)
+
+
+def trl_grpo_loss(logp, old, ref, adv_B, mask, *, eps, eps_high, beta, loss_type):
+    """TRL GRPOTrainer._compute_loss, transcribed."""
+    coef_1 = np.exp(logp - old)
+    coef_2 = np.clip(coef_1, 1 - eps, 1 + eps_high)
+    per_token = -np.minimum(coef_1 * adv_B[:, None], coef_2 * adv_B[:, None])
+    per_token = per_token + beta * (np.exp(ref - logp) - (ref - logp) - 1)
+    if loss_type == "grpo":
+        return np.mean((per_token * mask).sum(-1) / np.maximum(mask.sum(-1), 1))
+    if loss_type in ("bnpo", "dapo"):
+        return (per_token * mask).sum() / max(mask.sum(), 1)
+    return (per_token * mask).sum() / (mask.shape[0] * mask.shape[1])  # dr_grpo
+
+
+def trl_rloo_loss(logp, old, adv_B, *, cliprange):
+    """TRL RLOOTrainer's loss: PPO-clip on the ratio of summed log-probs (padding holds
+    INVALID_LOGPROB in both, so it cancels)."""
+    ratio = np.exp(logp.sum(1) - old.sum(1))
+    losses = np.maximum(-adv_B * ratio, -adv_B * np.clip(ratio, 1 - cliprange, 1 + cliprange))
+    return losses.mean()
+
+
+def random_logprobs(batch, length, lengths, seed):
+    rng = np.random.default_rng(seed)
+    mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]
+    arrays = [
+        np.where(mask, -rng.uniform(0.1, 3.0, size=(batch, length)), INVALID_LOGPROB)
+        for _ in range(3)
+    ]
+    return (*[a.astype(np.float32) for a in arrays], mask)
+
+
+# ----------------------------------------------------------------------------------- losses
+
+BASE = dict(num_prompts=2, response_length=6)
+policy_loss = jax.jit(cf.policy_loss, static_argnames="spec")
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
+def test_grpo_loss_types_against_trl(loss_type):
+    logp, old, ref, mask = random_logprobs(4, 6, [6, 2, 4, 1], seed=0)
+    old = np.where(mask, logp + np.random.default_rng(1).normal(0, 0.3, logp.shape), old)
+    adv_B = np.array([1.5, -0.7, 0.3, -2.0], np.float32)
+    config = cf.GRPOConfig(
+        num_generations=2, epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, **BASE
+    )
+    adv_BT = np.where(mask, adv_B[:, None], 0.0).astype(np.float32)
+    loss, aux = policy_loss(logp, old, ref, adv_BT, mask, spec=config.core())
+    want = trl_grpo_loss(
+        logp, old, ref, adv_B, mask, eps=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type
+    )
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert cf.trl_loss_aggregation(loss_type) == config.core().aggregation
+    assert float(aux["clipfrac"]) > 0  # the clip (both ends) is exercised
+
+
+def test_loss_types_agree_for_one_full_sample():
+    logp, old, ref, mask = random_logprobs(1, 5, [5], seed=2)
+    adv = np.full((1, 5), 0.8, np.float32)
+    losses = [
+        policy_loss(
+            logp,
+            old,
+            ref,
+            adv,
+            mask,
+            spec=cf.GRPOConfig(num_generations=2, beta=0.1, loss_type=t, **BASE).core(),
+        )[0]
+        for t in cf.TRL_LOSS_TYPES
+    ]
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
+
+
+def test_dapo_normalises_by_the_minibatch_token_count():
+    """Two gradient-accumulation micro-batches with 7 and 2 tokens: "dapo" (with the scales
+    `update` computes) is the token mean over the whole minibatch, "bnpo" the mean of the two
+    micro-batch token means (TRL's two behaviours)."""
+    logp, old, ref, mask = random_logprobs(4, 5, [5, 2, 1, 1], seed=3)
+    adv = np.where(mask, np.array([1.0, -1.0, 2.0, 0.5])[:, None], 0.0).astype(np.float32)
+    spec = cf.GRPOConfig(num_generations=2, beta=0.1, loss_type="dapo", **BASE).core()
+    scales = cf.minibatch_token_scales(mask.reshape(2, 2, 5))
+    np.testing.assert_allclose(scales, [7 * 2 / 9, 2 * 2 / 9], rtol=1e-6)
+    halves = [
+        [x[:2] for x in (logp, old, ref, adv, mask)],
+        [x[2:] for x in (logp, old, ref, adv, mask)],
+    ]
+    dapo = [
+        policy_loss(*h, spec=spec, token_scale=c)[0] for h, c in zip(halves, scales, strict=True)
+    ]
+    bnpo = [policy_loss(*h, spec=spec)[0] for h in halves]
+    whole, _ = policy_loss(logp, old, ref, adv, mask, spec=spec)
+    np.testing.assert_allclose(np.mean(dapo), whole, rtol=1e-5)
+    bnpo = np.mean(bnpo)
+    assert abs(bnpo - whole) > 1e-3
+
+
+def test_rloo_sequence_ratio_loss_against_trl():
+    logp, _, ref, mask = random_logprobs(4, 6, [6, 3, 1, 5], seed=4)
+    # Sequence log-ratios spread over the valid tokens; rows 0, 1, 3 end up clipped.
+    log_ratio_B = np.array([0.5, -0.5, 0.05, -0.3], np.float32)
+    old = np.where(mask, logp - log_ratio_B[:, None] / mask.sum(1, keepdims=True), logp)
+    adv_B = np.array([0.9, -1.1, 0.4, -0.2], np.float32)
+    adv = np.where(mask, adv_B[:, None], 0.0).astype(np.float32)
+    spec = cf.RLOOConfig(rloo_k=2, cliprange=0.2, **BASE).core()
+    loss, aux = policy_loss(logp, old, ref, adv, mask, spec=spec)
+    want = trl_rloo_loss(logp, old, adv_B, cliprange=0.2)
+    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+    # Values under the mask never matter.
+    noisy = [np.where(mask, x, 7.0).astype(np.float32) for x in (logp, old, ref)]
+    loss_noisy, _ = policy_loss(*noisy, adv, mask, spec=spec)
+    np.testing.assert_allclose(loss_noisy, loss, rtol=1e-6)
+    np.testing.assert_allclose(aux["clipfrac"], 0.75)
+
+
+# ------------------------------------------------------------------------------- experience
+
+
+def synthetic_rollout(batch, length, seed, lengths):
+    logp, ref, _, mask = random_logprobs(batch, length, lengths, seed)
+    lengths = np.asarray(lengths)
+    stopped = lengths < length
+    gen = Generation(
+        tokens=np.where(mask, 5, 0).astype(np.int32),
+        logprobs=logp,
+        mask=mask,
+        sequence_lengths=(lengths - 1).astype(np.int32),
+        stopped=stopped,
+    )
+    prompts = np.ones((batch, 3), np.int32)
+    return cf.GroupRollout(prompts, prompts > 0, gen, logp, ref, None)
+
+
+LENGTHS = [6, 2, 4, 6, 1, 3]
+RAW_SCORES = np.array([0.5, 2.0, -1.0, 3.5, 0.0, 1.0], np.float32)
+
+
+def np_rlhf_sequence_rewards(roll, scores, kl_coef, estimator, on_sequence):
+    mask = roll.generation.mask
+    old, ref = roll.old_logprobs.astype(np.float64), roll.ref_logprobs.astype(np.float64)
+    if on_sequence:
+        kl_B = np_k((old * mask).sum(1), (ref * mask).sum(1), estimator)
+    else:
+        kl_B = (np_k(old, ref, estimator) * mask).sum(1)
+    return scores - kl_coef * kl_B, kl_B
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(kl_estimator="k1", kl_level="token", normalize_advantage=True),
+        dict(kl_estimator="k3", kl_level="sequence", normalize_reward=True, reward_clip_range=1.0),
+    ],
+)
+def test_rloo_experience_against_trl(options):
+    roll = synthetic_rollout(6, 6, seed=6, lengths=LENGTHS)
+    config = cf.RLOOConfig(
+        num_prompts=2, rloo_k=3, response_length=6, missing_eos_penalty=1.0, **options
+    )
+    exp, metrics = jax.jit(functools.partial(cf.build_experience, config=config))(
+        roll, RAW_SCORES, 0.1
+    )
+    scores = RAW_SCORES - 1.0 * ~roll.generation.stopped
+    if config.normalize_reward:
+        scores = np.clip(np_standardize(scores), -1.0, 1.0)
+    rlhf, kl_B = np_rlhf_sequence_rewards(
+        roll, scores, 0.1, config.kl_estimator, config.kl_level == "sequence"
+    )
+    adv = np_rloo(rlhf, 3)
+    if config.normalize_advantage:
+        adv = np_standardize(adv)
+    mask = roll.generation.mask
+    np.testing.assert_allclose(exp.scores, scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(exp.advantages, adv[:, None] * mask, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(metrics["objective/kl"], kl_B.mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["objective/rlhf_reward"], rlhf.mean(), rtol=1e-4)
+
+
+def test_grpo_experience_against_trl():
+    scale = "batch"  # the three scalings are tested in test_advantages
+    roll = synthetic_rollout(6, 6, seed=7, lengths=LENGTHS)
+    config = cf.GRPOConfig(
+        num_prompts=3, num_generations=2, response_length=6, beta=0.5, scale_rewards=scale
+    )
+    exp, metrics = jax.jit(functools.partial(cf.build_experience, config=config))(
+        roll, RAW_SCORES, 0.0
+    )
+    want = np_grpo(RAW_SCORES.astype(np.float64), 2, scale)
+    np.testing.assert_allclose(
+        exp.advantages, want[:, None] * roll.generation.mask, rtol=1e-5, atol=1e-6
+    )
+    # GRPO has no KL in the reward: the KL is a loss term.
+    assert float(metrics["objective/non_score_reward"]) == 0.0
+
+
+def test_reinforce_pp_experience_against_openrlhf():
+    estimator = "reinforce++-baseline"  # the baseline-free registry entry: test_advantages
+    roll = synthetic_rollout(6, 6, seed=8, lengths=LENGTHS)
+    config = cf.ReinforcePPConfig(
+        num_prompts=3,
+        n_samples_per_prompt=2,
+        response_length=6,
+        advantage_estimator=estimator,
+        kl_coef=0.2,
+        gamma=0.9,
+        reward_clip_range=3.0,
+        missing_eos_penalty=0.5,
+    )
+    exp, _ = jax.jit(functools.partial(cf.build_experience, config=config))(roll, RAW_SCORES, 0.2)
+    gen = roll.generation
+    mask = gen.mask
+    scores = np.clip(RAW_SCORES - 0.5 * ~gen.stopped, -3.0, 3.0)
+    if estimator == "reinforce++-baseline":
+        scores = scores - scores.reshape(3, 2).mean(1).repeat(2)
+    kl = np_k(roll.old_logprobs.astype(np.float64), roll.ref_logprobs, "k1") * mask
+    rewards = -0.2 * kl
+    rewards[np.arange(6), gen.sequence_lengths] += scores
+    returns = np.zeros_like(rewards)
+    for b in range(6):  # OpenRLHF's get_cumulative_returns
+        running = 0.0
+        for t in reversed(range(6)):
+            running = rewards[b, t] * mask[b, t] + 0.9 * running
+            returns[b, t] = running
+    values = returns[mask]
+    whitened = (returns - values.mean()) / np.sqrt(values.var(ddof=1) + 1e-8)
+    np.testing.assert_allclose(exp.returns, returns * mask, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(exp.advantages, whitened * mask, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ tiny-model learning
+
+TINY = models.ModelConfig(
+    family="llama",
+    vocab_size=32,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+ALPHABET = "abcdefghijklmnopqrstuvwxyz012345"  # token i <-> ALPHABET[i]
+STOP = 2
+SHARED = dict(
+    num_prompts=4,
+    response_length=8,
+    stop_token_ids=(STOP,),
+    temperature=1.0,
+    learning_rate=3e-3,
+    total_iterations=100,
+    num_mini_batches=2,
+    gradient_accumulation_steps=2,
+)
+RLOO = cf.RLOOConfig(rloo_k=4, num_ppo_epochs=2, kl_coef=0.01, **SHARED)
+GRPO = cf.GRPOConfig(
+    num_generations=4, num_iterations=2, beta=0.01, epsilon_high=0.28, loss_type="dapo", **SHARED
+)
+
+
+def decode(ids):
+    return "".join(ALPHABET[i] for i in ids)
+
+
+def early_letter_fraction(prompts, completions, **unused):
+    """The verifiable reward of the tiny task: the fraction of characters from a..h (8 of the 32
+    tokens, the stop token among them)."""
+    return [sum(ch < "i" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def tiny_prompts():
+    rng = np.random.default_rng(3)
+    prompts = rng.integers(3, TINY.vocab_size, size=(4, 6)).astype(np.int32)
+    mask = np.ones((4, 6), bool)
+    mask[0, :2] = False  # one left-padded prompt
+    return np.where(mask, prompts, 0), mask
+
+
+def run_learning(config, iterations):
+    policy = models.init_params(TINY, jax.random.key(0))
+    cf_models = cf.CriticFreeModels(policy=TINY)
+    state = cf.init_state(policy, config)
+    frozen = cf.CriticFreeFrozen(ref=policy)
+    prompts, mask = tiny_prompts()
+    terms = rf.reward_terms(["test_critic_free:early_letter_fraction"])
+    score_fn = rf.make_score_fn(terms, decode, config.group_size)
+    step = cf.make_host_iteration(config, cf_models, score_fn)
+    texts = ["prompt"] * config.num_prompts
+    scores, rollout_cache = [], None
+    for i in range(iterations):
+        state, metrics = step(state, frozen, prompts, mask, jax.random.key(i), texts)
+        ppo.check_finite(metrics, i)
+        scores.append(metrics["rewards/test_critic_free:early_letter_fraction/mean"])
+        np.testing.assert_allclose(scores[-1], metrics["objective/raw_scores"], rtol=1e-5)
+        assert float(metrics["policy/first_approxkl"]) < 1e-9  # sampler log-probs = trainer's
+        if rollout_cache is None:
+            rollout_cache = cf._shared_rollout._cache_size()
+    # One compilation each for the rollout and the update.
+    assert cf._shared_rollout._cache_size() == rollout_cache
+    assert step.finish._cache_size() == 1
+    assert int(state.iteration) == iterations
+    assert int(state.episode) == iterations * config.batch_size
+    roll = step.rollout(state, frozen, prompts, mask, jax.random.key(99))
+    return scores, roll, state
+
+
+def test_rloo_raises_a_python_reward():
+    scores, roll, _ = run_learning(RLOO, 10)
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, np.round(scores, 2)
+    # Contiguous groups: prompt n at rows n*k .. n*k + k - 1, with different completions.
+    prompts, _ = tiny_prompts()
+    np.testing.assert_array_equal(roll.prompts, np.repeat(prompts, 4, axis=0))
+    tokens = np.asarray(roll.generation.tokens).reshape(4, 4, -1)
+    assert all(len({row.tobytes() for row in group}) > 1 for group in tokens)
+
+
+def test_grpo_raises_a_python_reward_sharing_the_rollout_compilation():
+    assert GRPO.rollout_spec() == RLOO.rollout_spec()  # so the jitted rollout is shared
+    scores, _, _ = run_learning(GRPO, 10)
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, np.round(scores, 2)
+
+
+# ---------------------------------------------------------------- traced only: cheap checks
+
+
+def abstract_params(config):
+    return jax.eval_shape(lambda key: models.init_params(config, key), jax.random.key(0))
+
+
+def test_beta_zero_never_runs_the_reference_and_kl_needs_it():
+    policy = abstract_params(TINY)
+    cf_models = cf.CriticFreeModels(policy=TINY)
+    prompts, mask = tiny_prompts()
+    config = dataclasses.replace(GRPO, beta=0.0)
+    state = jax.eval_shape(lambda p: cf.init_state(p, config), policy)
+    roll = jax.eval_shape(
+        lambda s, p, m, k: cf.rollout(
+            s, cf.CriticFreeFrozen(), p, m, k, config=config, cf_models=cf_models
+        ),
+        state,
+        prompts,
+        mask,
+        jax.random.key(0),
+    )
+    assert roll.ref_logprobs.shape == (16, 8) and roll.model_scores is None
+    with pytest.raises(ValueError, match="frozen.ref is None"):
+        cf.rollout(
+            state, cf.CriticFreeFrozen(), prompts, mask, jax.random.key(0), config=GRPO,
+            cf_models=cf_models,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"expected prompts of shape \[num_prompts=4, P\]"):
+        cf.rollout(
+            state, cf.CriticFreeFrozen(), prompts[:3], mask[:3], jax.random.key(0),
+            config=config, cf_models=cf_models,
+        )  # fmt: skip
+
+
+def test_reward_model_rollout_traces_and_iteration_needs_one():
+    reward_config = dataclasses.replace(TINY, head="score")
+    policy = abstract_params(TINY)
+    reward = abstract_params(reward_config)
+    cf_models = cf.CriticFreeModels(policy=TINY, reward=reward_config)
+    config = cf.ReinforcePPConfig(
+        n_samples_per_prompt=2, advantage_estimator="reinforce++-baseline", **SHARED
+    )
+    prompts, mask = tiny_prompts()
+    state = jax.eval_shape(lambda p: cf.init_state(p, config), policy)
+    roll = jax.eval_shape(
+        functools.partial(cf.rollout, config=config, cf_models=cf_models),
+        state,
+        cf.CriticFreeFrozen(ref=policy, reward=reward),
+        prompts,
+        mask,
+        jax.random.key(0),
+    )
+    assert roll.model_scores.shape == (8,) and roll.prompts.shape == (8, 6)
+    with pytest.raises(ValueError, match="frozen.reward is None"):
+        cf.rollout(
+            state, cf.CriticFreeFrozen(ref=policy), prompts, mask, jax.random.key(0),
+            config=config, cf_models=cf_models,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="cf_models.reward is None"):
+        cf.iteration(
+            state, cf.CriticFreeFrozen(ref=policy), prompts, mask, jax.random.key(0),
+            config=config, cf_models=cf.CriticFreeModels(policy=TINY),
+        )  # fmt: skip
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="rloo_k must be >= 2"):
+        cf.RLOOConfig(num_prompts=2, rloo_k=1)
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        cf.GRPOConfig(num_prompts=2, num_generations=1)
+    with pytest.raises(ValueError, match="unknown loss_type 'sum'"):
+        cf.GRPOConfig(num_prompts=2, loss_type="sum")
+    with pytest.raises(ValueError, match="scale_rewards must be"):
+        cf.GRPOConfig(num_prompts=2, scale_rewards="std")
+    with pytest.raises(ValueError, match=r"3 x 2 = 6 completions must be a multiple of"):
+        cf.RLOOConfig(num_prompts=3, num_mini_batches=4)
+    with pytest.raises(ValueError, match="n_samples_per_prompt must be >= 2"):
+        cf.ReinforcePPConfig(num_prompts=2, advantage_estimator="reinforce++-baseline")
+    with pytest.raises(ValueError, match="epsilon_high must be > 0"):
+        cf.GRPOConfig(num_prompts=2, epsilon_high=-0.1)
+    with pytest.raises(TypeError, match="use RLOOConfig"):
+        cf.CriticFreeConfig(num_prompts=2)
+    assert cf.GRPOConfig(num_prompts=1, scale_rewards=False).scale_rewards == "none"
+    assert hash(RLOO) != hash(GRPO)  # usable as static jit arguments
+    with pytest.raises(ValueError, match="scores must have shape"):
+        cf.build_experience(synthetic_rollout(6, 6, 0, LENGTHS), np.zeros(5), 0.0, config=RLOO)
+    with pytest.raises(ValueError, match="scalar score head"):
+        cf.CriticFreeModels(policy=TINY, reward=TINY)
