@@ -1091,7 +1091,8 @@ def make_host_iteration(
     Returns:
       `step(state, frozen, prompts_NP, prompt_mask_NP, key, *score_args, **score_kwargs) ->
       (state, metrics)`; with the same key and a `score_fn` returning the reward model's scores
-      it equals `iteration`. `step.rollout` and `step.finish` are the two jitted halves.
+      it computes what `iteration` computes (same functions and keys; XLA may round differently
+      across the two compilations). `step.rollout` and `step.finish` are the two jitted halves.
     """
     if rollout_jit_kwargs:
         jit_rollout = jax.jit(
