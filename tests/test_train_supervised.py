@@ -1,0 +1,86 @@
+"""`rlhf-jax train sft` / `train rm` through the CLI on tiny local models and data: the loss falls,
+checkpoints resume, and the exported models load where PPO needs them."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+from tokenizer_utils import save_tiny_models
+
+from rlhf_jax import cli, models
+
+POSITIVE = ["good happy", "happy good", "good good"]
+NEGATIVE = ["bad sad", "sad bad", "bad bad"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("supervised")
+    paths = save_tiny_models(root / "models")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(96):
+        prompt = f"tell me about the {['cat', 'dog', 'park'][i % 3]} ."
+        rows.append(
+            {
+                "prompt": prompt,
+                "completion": POSITIVE[i % 3],
+                "chosen": POSITIVE[rng.integers(3)],
+                "rejected": NEGATIVE[rng.integers(3)],
+            }
+        )
+    data = root / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    return root, paths, data
+
+
+def run(*argv):
+    assert cli.main(list(argv)) == 0
+
+
+def common(run_dir, model, data, steps):
+    return [
+        f"run_dir={run_dir}",
+        f"model={model}",
+        f"data.path={data}",
+        "data.max_length=16",
+        "data.eval_fraction=0.25",
+        "batch_size=16",
+        f"train.total_steps={steps}",
+        "train.learning_rate=0.003",
+        "eval_every=10",
+        "checkpoint.every=5",
+        "logging.progress_bar=false",
+        "logging.tensorboard=false",
+    ]
+
+
+def test_sft_then_rm_then_loadable_for_ppo(tiny):
+    root, paths, data = tiny
+    sft_dir = root / "sft"
+    run("train", "sft", *common(sft_dir, paths["policy"], data, 10))
+    # Resuming finishes the remaining steps from the newest checkpoint.
+    run("train", "sft", "--resume", *common(sft_dir, paths["policy"], data, 20))
+    records = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, 21))
+    assert records[-1]["eval/loss"] < records[0]["loss"] * 0.5, (records[0], records[-1])
+    policy = transformers.AutoModelForCausalLM.from_pretrained(sft_dir / "model")
+    assert policy.config.vocab_size == 64
+
+    rm_dir = root / "rm"
+    run("train", "rm", *common(rm_dir, sft_dir / "model", data, 20))
+    last = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["eval/accuracy"] >= 0.9, last
+    reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir / "model")
+    assert reward.config.num_labels == 1
+    params, config = models.hf.load(rm_dir / "model")
+    value_params, value_config = models.hf.value_from_reward(params, config)
+    assert value_config.head == "score"
+
+
+def test_missing_column_and_existing_run_are_clear_errors(tiny, capsys):
+    root, paths, data = tiny
+    bad = common(root / "bad", paths["policy"], data, 2) + ["data.completion_column=answer"]
+    assert cli.main(["train", "sft", *bad]) != 0
+    assert "no column(s) ['answer']" in capsys.readouterr().err
