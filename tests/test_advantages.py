@@ -209,9 +209,10 @@ class EstimatorRegistryTest(parameterized.TestCase):
             token_rewards=np.where(self.mask, self.token_rewards, 1e3).astype(np.float32),
             values=np.where(self.mask, self.values, -1e3).astype(np.float32),
         )
+        estimate = jax.jit(advantages.estimate_advantages, static_argnames=("name", "group_size"))
         for name in advantages.ADVANTAGE_ESTIMATORS:
-            want = advantages.estimate_advantages(name, self.inputs, group_size=self.k)
-            got = advantages.estimate_advantages(name, noisy, group_size=self.k)
+            want = estimate(name, self.inputs, group_size=self.k)
+            got = estimate(name, noisy, group_size=self.k)
             chex.assert_trees_all_close(got, want, atol=1e-5)
 
     def test_bad_input(self):
@@ -222,3 +223,20 @@ class EstimatorRegistryTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, r"scores must be \[B\]=\[6\]"):
             bad = self.inputs._replace(scores=np.zeros(5))
             advantages.estimate_advantages("rloo", bad, group_size=2)
+
+
+jit_discounted_returns = jax.jit(lambda r, m: advantages.discounted_returns(r, m, gamma=0.9))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    hnp.arrays(np.float32, (3, 6), elements=st.floats(-10, 10, width=32)),
+    hnp.arrays(np.float32, (3, 6), elements=st.floats(-1e4, 1e4, width=32)),
+    st.lists(st.integers(1, 6), min_size=3, max_size=3),
+)
+def test_discounted_returns_ignore_padding(rewards, noise, lengths):
+    mask = prefix_mask(lengths, 6)
+    clean = jit_discounted_returns(np.where(mask, rewards, 0), mask)
+    noisy = jit_discounted_returns(np.where(mask, rewards, noise), mask)
+    np.testing.assert_array_equal(noisy, clean)
+    np.testing.assert_array_equal(np.asarray(clean)[~mask], 0.0)
