@@ -456,6 +456,17 @@ class _StopRequest:
 # ----------------------------------------------------------------------------------- training
 
 
+def enable_compilation_cache(path: str | Path) -> None:
+    """Points JAX's persistent compilation cache at `path` (effective for later compilations
+    even if this process has compiled before). Later runs with the same programs, devices and
+    flags load the executables instead of compiling them."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()
+
+
 def train_ppo(
     config: cfg.PPORunConfig, *, resume: bool = False, devices: Sequence[Any] | None = None
 ) -> TrainResult:
@@ -484,7 +495,7 @@ def _train(setup: _Setup) -> TrainResult:
     config, run_dir, tok = setup.config, setup.run_dir, setup.tokenizer
     main = sharding.is_main_process()
     if config.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
+        enable_compilation_cache(config.compilation_cache)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_config(config, run_dir / "config.yaml")
