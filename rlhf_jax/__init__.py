@@ -3,7 +3,28 @@
 The public API is re-exported flat from this module.
 """
 
-from rlhf_jax.advantages import gae
+from rlhf_jax.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageInputs,
+    discounted_returns,
+    estimate_advantages,
+    gae,
+    grpo_advantages,
+    rloo_advantages,
+)
+from rlhf_jax.critic_free import (
+    TRL_LOSS_TYPES,
+    CriticFreeFrozen,
+    CriticFreeModels,
+    CriticFreeState,
+    GroupRollout,
+    GRPOConfig,
+    ReinforcePPConfig,
+    RLOOConfig,
+    make_host_iteration,
+    trl_loss_aggregation,
+)
+from rlhf_jax.critic_free import jit_iteration as jit_critic_free_iteration
 from rlhf_jax.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
 from rlhf_jax.losses import (
     aggregate_loss,
@@ -38,6 +59,13 @@ from rlhf_jax.ppo import (
     ppo_iteration,
     rollout,
     update,
+)
+from rlhf_jax.reward_functions import (
+    RewardFunctionError,
+    compute_rewards,
+    load_reward_function,
+    make_score_fn,
+    reward_terms,
 )
 from rlhf_jax.reward_model import (
     PreferenceBatch,
@@ -79,6 +107,28 @@ from rlhf_jax.sharding import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AdvantageInputs",
+    "CriticFreeFrozen",
+    "CriticFreeModels",
+    "CriticFreeState",
+    "GRPOConfig",
+    "GroupRollout",
+    "RLOOConfig",
+    "ReinforcePPConfig",
+    "RewardFunctionError",
+    "TRL_LOSS_TYPES",
+    "compute_rewards",
+    "discounted_returns",
+    "estimate_advantages",
+    "grpo_advantages",
+    "jit_critic_free_iteration",
+    "load_reward_function",
+    "make_host_iteration",
+    "make_score_fn",
+    "reward_terms",
+    "rloo_advantages",
+    "trl_loss_aggregation",
     "PreferenceBatch",
     "SFTBatch",
     "TrainConfig",
