@@ -9,8 +9,8 @@ the items
 
 and `tokenizer/` (written once by the trainer). Orbax writes each checkpoint into a temporary
 directory and renames it when every item is complete, so a process killed in the middle of a
-save leaves the previous checkpoint as the latest one; the unfinished directory is removed when a
-manager is next opened. Saves can run asynchronously: device arrays are copied to the host before
+save leaves the previous checkpoint as the latest one; the unfinished directory is removed before
+the next save. Saves can run asynchronously: device arrays are copied to the host before
 `save` returns, so the caller may donate them to the next step right away.
 """
 

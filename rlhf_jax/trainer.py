@@ -761,6 +761,9 @@ def load_policy(path: str | Path, *, dtype: str | None = None) -> tuple[Params, 
     return params, config, tokenizer
 
 
+_jit_generate = jax.jit(generate, static_argnums=(1, 5))
+
+
 def generate_completions(
     params: Params,
     model_config: models.ModelConfig,
@@ -813,9 +816,7 @@ def generate_completions(
         stop_token_ids=() if eos is None else (int(eos),),
         pad_token_id=int(pad),
     )
-    gen = jax.jit(generate, static_argnums=(1, 5))(
-        params, model_config, tokens, mask, jax.random.key(seed), sampling
-    )
+    gen = _jit_generate(params, model_config, tokens, mask, jax.random.key(seed), sampling)
     out_tokens, out_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
     results = []
     for i, prompt in enumerate(prompts):
