@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -299,7 +300,7 @@ def load_config(
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
             file_cfg = OmegaConf.load(path)
-        except Exception as err:  # yaml.YAMLError and friends
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot parse {path}: {err}") from err
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"{path} must hold a mapping of sections, got a list")
@@ -320,6 +321,12 @@ def load_config(
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override {item!r}: {_describe(err)}") from err
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
+                f"{key.strip()}=\"['?']\""
+            ) from err
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         hints = dict(_dataclass_fields(cls))

@@ -1,0 +1,177 @@
+"""The `rlhf-jax` CLI: the example configs load and fit their meshes, overrides and errors name
+the key, the algorithm registry dispatches `train NAME`, `generate` matches transformers' greedy
+decoding, `plot` writes PNGs, and `demo` still calls `run_demo`."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+from tokenizer_utils import save_tiny_models, tiny_tokenizer
+
+from rlhf_jax import cli, config
+from rlhf_jax.logging import PLOT_GROUPS
+
+REPO = Path(__file__).parent.parent
+TINY = REPO / "tests" / "data" / "tiny_ppo.yaml"
+REQUIRED = ["run_dir=r", "models.policy=p", "models.reward=m", "data.path=d"]
+
+
+@pytest.mark.parametrize(
+    "name", ["ppo_tldr_pythia1b", "ppo_chat_qwen2.5_0.5b", "ppo_chat_qwen2.5_1.5b"]
+)
+def test_example_configs_load_and_fit_their_meshes(name):
+    cfg = config.load_config(config.PPORunConfig, REPO / "configs" / f"{name}.yaml")
+    data_size, fsdp, _ = cfg.mesh.resolve(8)  # each states an 8-accelerator mesh
+    assert cfg.ppo.batch_size % (data_size * fsdp) == 0
+    assert cfg.ppo.micro_batch_size % (data_size * fsdp) == 0
+    assert cfg.models.reward and cfg.models.value is None  # value model from the reward model
+    if name == "ppo_tldr_pythia1b":  # TRL's reference setup
+        ppo = cfg.ppo
+        assert (ppo.response_length, ppo.temperature, ppo.missing_eos_penalty) == (53, 0.7, 1.0)
+        assert (ppo.learning_rate, ppo.batch_size, ppo.num_ppo_epochs) == (3e-6, 512, 4)
+        assert ppo.micro_batch_size == 128 and cfg.tokenizer.stop_at_eos
+        assert cfg.models.policy == "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+        tok = tiny_tokenizer(chat_template=cfg.tokenizer.chat_template)
+        messages = [{"role": "user", "content": "POST"}, {"role": "assistant", "content": "x"}]
+        rendered = tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        assert rendered == "User: POST\n\nAssistant:"
+    else:
+        assert cfg.data.chat and cfg.models.dtype == "bfloat16"
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["ppo.bogus=1"], "override 'ppo.bogus=1': ppo.bogus: Key 'bogus' not in 'PPOConfig'"),
+        (
+            ["ppo.batch_size=abc"],
+            "ppo.batch_size: Value 'abc' of type 'str' could not be converted",
+        ),
+        (["ppo.kl_estimator=k9"], "ppo.kl_estimator: Invalid value 'k9', expected one of"),
+        (["data.truncation=middle"], "data.truncation: Invalid value 'middle'"),
+        (["ppo.num_mini_batches=3"], "ppo: batch_size=8 must be a positive multiple"),
+        (["models.reward_function=m:f"], "models: set exactly one of models.reward"),
+        (["checkpoint.keep=0"], "checkpoint: need every >= 0 and keep >= 1"),
+        (["mesh.tensor=true"], "mesh.tensor"),
+        (["seed"], "override 'seed' must look like key.sub=value"),
+        (["tokenizer.extra_stop_tokens=[?]"], "the value is not valid YAML"),
+    ],
+)
+def test_config_errors_name_the_key(argv, message, capsys):
+    code, _, err = _run(["train", "ppo", "--config", str(TINY), *REQUIRED, *argv], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_missing_values_and_files(capsys):
+    code, _, err = _run(["train", "ppo", "ppo.batch_size=8"], capsys)
+    assert code == 2
+    assert "missing required value(s): data.path, models.policy, run_dir" in err
+    code, _, err = _run(["train", "ppo", "run_dir=r", "models.policy=p", "data.path=d"], capsys)
+    assert "ppo.batch_size" in err
+    code, _, err = _run(["train", "ppo", "--config", "nope.yaml"], capsys)
+    assert code == 2 and "config file 'nope.yaml' does not exist" in err
+
+
+def test_print_config_round_trips(capsys):
+    extra = ["ppo.stop_token_ids=[5,7]", "models.value=null", "tokenizer.extra_stop_tokens=['?']"]
+    code, out, _ = _run(
+        ["train", "ppo", "--config", str(TINY), *REQUIRED, *extra, "--print-config"], capsys
+    )
+    assert code == 0 and out.startswith("# resolved config (ppo)")
+    printed = config.load_config(config.PPORunConfig, values=yaml.safe_load(out))
+    direct = config.load_config(config.PPORunConfig, TINY, REQUIRED + extra)
+    assert printed == direct and direct.ppo.stop_token_ids == (5, 7)
+    assert direct.tokenizer.extra_stop_tokens == ("?",) and direct.ppo.total_iterations == 1000
+    assert config.diff_configs(direct, dataclasses.replace(direct, seed=3)) == ["seed"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EchoConfig:
+    run_dir: str
+    steps: int = 1
+
+
+def test_registry_dispatches_train_subcommands(capsys, monkeypatch):
+    calls = []
+
+    def run(cfg, *, resume):
+        calls.append((cfg, resume))
+
+    monkeypatch.setattr(config, "_ALGORITHMS", dict(config._ALGORITHMS))
+    config.register_algorithm("echo", config=EchoConfig, run=run, help="test algorithm")
+    with pytest.raises(ValueError, match="already registered"):
+        config.register_algorithm("echo", config=EchoConfig, run=run)
+    code, out, _ = _run(["train", "echo", "run_dir=x", "steps=3", "--resume"], capsys)
+    assert code == 0 and calls == [(EchoConfig(run_dir="x", steps=3), True)]
+    assert "steps: 3" in out
+    lazy = config.Algorithm("lazy", "test_cli:EchoConfig", "test_cli:EchoConfig")
+    assert lazy.config_class() is EchoConfig
+    assert set(config.algorithms()) >= {"ppo", "echo"}
+    with pytest.raises(SystemExit):
+        cli.main(["train", "nonexistent"])
+
+
+def test_demo_subcommand_calls_run_demo(monkeypatch):
+    import rlhf_jax.demo
+
+    calls = []
+    monkeypatch.setattr(rlhf_jax.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    assert cli.main(["demo", "--out", "somewhere", "--seed", "3"]) == 0
+    assert calls == [{"out_dir": "somewhere", "seed": 3}]
+
+
+def test_generate_matches_transformers_greedy(tmp_path, capsys):
+    paths = save_tiny_models(tmp_path)
+    prompts = ["tell me a story about the cat", "the dog"]
+    argv = ["generate", "--model", str(paths["policy"]), "--greedy", "--max-new-tokens", "6"]
+    code, out, _ = _run([*argv, "--json", *[a for p in prompts for a in ("--prompt", p)]], capsys)
+    assert code == 0
+    results = [json.loads(line) for line in out.splitlines()]
+    model = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"]).eval()
+    tok = tiny_tokenizer()
+    for prompt, result in zip(prompts, results):
+        ids = tok(prompt)["input_ids"]
+        assert result["prompt"] == prompt and result["prompt_token_ids"] == ids
+        with torch.no_grad():
+            want = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=2,
+                pad_token_id=0,
+            )[0, len(ids) :].tolist()
+        if 2 in want:
+            want = want[: want.index(2) + 1]
+        assert result["token_ids"] == want
+        assert result["stopped"] == (2 in want)
+        assert result["completion"] == tok.decode(want, skip_special_tokens=True)
+    code, out, _ = _run([*argv, "--prompt", prompts[1]], capsys)
+    assert code == 0 and out.startswith(f"### {prompts[1]}\n{results[1]['completion']}")
+    code, _, err = _run(["generate", "--model", str(tmp_path / "none"), "--prompt", "a"], capsys)
+    assert code == 2 and "does not exist" in err
+
+
+def test_plot_command(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    keys = sorted({k for _, _, group in PLOT_GROUPS for k in group})
+    with (tmp_path / "metrics.jsonl").open("w") as f:
+        for it in range(1, 6):
+            f.write(json.dumps({"iteration": it, **{k: float(rng.normal()) for k in keys}}) + "\n")
+    code, out, _ = _run(["plot", str(tmp_path)], capsys)
+    assert code == 0
+    files = [Path(line) for line in out.splitlines()]
+    assert {f.stem for f in files} == {g[0] for g in PLOT_GROUPS} | {"summary"}
+    assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
+    code, _, err = _run(["plot", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "nothing to plot" in err
