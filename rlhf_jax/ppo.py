@@ -717,8 +717,28 @@ def ppo_iteration(
     )
 
 
-def jit_ppo_iteration(config: PPOConfig, ppo_models: PPOModels, **jit_kwargs: Any):
-    """`ppo_iteration` jitted with the configs bound and the state donated."""
+def jit_ppo_iteration(
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: tuple[tuple[str, Any], ...] | None = None,
+    **jit_kwargs: Any,
+):
+    """`ppo_iteration` jitted with the configs bound and the state donated:
+    `fn(state, frozen, prompts_BP, prompt_mask_BP, key, ptx=None) -> (state, metrics)`.
+
+    Without a `mesh` this is a plain `jax.jit`. With a `mesh` (and logical-axis `rules`, default
+    `sharding.DEFAULT_RULES`) the inputs and outputs get the shardings of `ppo_shardings`: params
+    and optimiser states sharded by the models' logical axes, prompts/masks (and a `PtxBatch`)
+    split over `("data", "fsdp")`, the key, scalars and metrics replicated; the returned state
+    keeps the input state's shardings, so the donated buffers are reused. The function is traced
+    inside `sharding.with_rules(mesh, rules)`, so the models' logical constraints apply without
+    the caller entering a context. Batch statistics (advantage whitening, metric means) are over
+    the global batch: the arrays are global `jax.Array`s. Build the state with `jit_init_state`
+    and the batch with `sharding.place_batch` (in a multi-process run each process passes its
+    own rows).
+    """
+    from rlhf_jax import sharding as sh
 
     def fn(state, frozen, prompts_BP, prompt_mask_BP, key, ptx=None):
         return ppo_iteration(
@@ -732,7 +752,18 @@ def jit_ppo_iteration(config: PPOConfig, ppo_models: PPOModels, **jit_kwargs: An
             ptx=ptx,
         )
 
-    return jax.jit(fn, donate_argnums=(0,), **jit_kwargs)
+    if mesh is None:
+        return sh.jit_with_rules(fn, None, rules, donate_argnums=(0,), **jit_kwargs)
+    s = ppo_shardings(config, ppo_models, mesh, rules)
+    return sh.jit_with_rules(
+        fn,
+        mesh,
+        rules,
+        in_shardings=(s.state, s.frozen, s.batch, s.batch, s.replicated, s.batch),
+        out_shardings=(s.state, s.replicated),
+        donate_argnums=(0,),
+        **jit_kwargs,
+    )
 
 
 class NonFiniteError(FloatingPointError):
@@ -753,3 +784,90 @@ def check_finite(metrics: dict[str, Any], iteration: int) -> None:
             "updated with them. Lower the learning rate, check the reward function/model, or "
             "resume from the last checkpoint."
         )
+
+
+# ---------------------------------------------------------------------------------- sharding
+
+
+class PPOShardings(NamedTuple):
+    """Where the inputs of a PPO iteration live on a mesh (`NamedSharding` leaves).
+
+    Attributes:
+      state: a `PPOState` of shardings: params by the models' logical axes, optimiser states
+        mirroring their params (`sharding.optimizer_state_shardings`), KL state and counters
+        replicated.
+      frozen: `FrozenParams` of shardings (reference like the policy, reward by its own axes).
+      batch: for `[B, ...]` batch arrays (prompts, masks, `PtxBatch` fields): leading axis over
+        `("data", "fsdp")`.
+      replicated: for keys, scalars and metrics.
+    """
+
+    state: PPOState
+    frozen: FrozenParams
+    batch: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
+def ppo_shardings(
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...] | None = None,
+) -> PPOShardings:
+    """The shardings `jit_ppo_iteration` uses on `mesh` (shapes only; nothing is computed)."""
+    from rlhf_jax import sharding as sh
+
+    def abstract_params(model_config: models.ModelConfig) -> Params:
+        return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
+
+    policy = sh.param_shardings(ppo_models.policy, mesh, rules)
+    value = sh.param_shardings(ppo_models.value, mesh, rules)
+    reward = sh.param_shardings(ppo_models.reward, mesh, rules)
+    abstract = jax.eval_shape(
+        lambda p, v: init_state(p, v, config),
+        abstract_params(ppo_models.policy),
+        abstract_params(ppo_models.value),
+    )
+    rep = sh.replicated(mesh)
+    state = PPOState(
+        policy_params=policy,
+        value_params=value,
+        policy_opt_state=sh.optimizer_state_shardings(abstract.policy_opt_state, policy, mesh),
+        value_opt_state=sh.optimizer_state_shardings(abstract.value_opt_state, value, mesh),
+        kl=jax.tree.map(lambda _: rep, abstract.kl),
+        iteration=rep,
+        episode=rep,
+    )
+    return PPOShardings(
+        state=state,
+        frozen=FrozenParams(ref=policy, reward=reward),
+        batch=sh.batch_sharding(mesh, 2),
+        replicated=rep,
+    )
+
+
+def jit_init_state(
+    config: PPOConfig,
+    ppo_models: PPOModels,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: tuple[tuple[str, Any], ...] | None = None,
+):
+    """`init_state` jitted: `fn(policy_params, value_params) -> PPOState`. With a `mesh` the
+    params are expected (and the state is born) with the shardings of `ppo_shardings`, so the
+    optimiser moments never exist unsharded. The inputs are not donated (the policy params are
+    usually also the frozen reference)."""
+    from rlhf_jax import sharding as sh
+
+    def fn(policy_params, value_params):
+        return init_state(policy_params, value_params, config)
+
+    if mesh is None:
+        return sh.jit_with_rules(fn, None, rules)
+    s = ppo_shardings(config, ppo_models, mesh, rules)
+    return sh.jit_with_rules(
+        fn,
+        mesh,
+        rules,
+        in_shardings=(s.state.policy_params, s.state.value_params),
+        out_shardings=s.state,
+    )

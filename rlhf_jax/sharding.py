@@ -26,34 +26,50 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from rlhf_jax import models
+from rlhf_jax.sampling import Generation, SamplingConfig, generate, prompt_positions
 
 __all__ = [
     "AXIS_NAMES",
     "BATCH_AXES",
     "DEFAULT_RULES",
     "MeshConfig",
+    "MeshJit",
     "Rules",
     "batch_sharding",
+    "generation_shardings",
     "initialize_distributed",
     "is_main_process",
+    "jit_forward",
+    "jit_generate",
+    "jit_with_rules",
+    "load_sharded",
+    "local_batch_slice",
     "logical_to_mesh_spec",
     "logical_to_sharding",
     "make_mesh",
     "make_rules",
     "optimizer_state_shardings",
+    "param_shardings",
     "place_batch",
     "replicated",
     "shard_params",
     "sharded_init",
+    "sharded_init_params",
     "with_rules",
 ]
 
@@ -383,6 +399,32 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh), *([None] * (ndim - 1))))
 
 
+def local_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a ``global_batch_size`` batch that this process feeds to :func:`place_batch`.
+
+    The rows held by this process's devices under :func:`batch_sharding` (contiguous, as
+    ``make_mesh`` lays processes out along the batch axes). Single process: ``slice(0, B)``.
+    A data loader reads exactly these rows of each global batch on this process.
+    """
+    n_shards = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    if global_batch_size < 1 or global_batch_size % n_shards:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not a positive multiple of "
+            f"data*fsdp={n_shards}; pad the batch or change the mesh."
+        )
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((global_batch_size,))
+    rows: set[int] = set()
+    for (index,) in index_map.values():
+        rows.update(range(*index.indices(global_batch_size)))
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:
+        raise ValueError(
+            f"this process's devices hold non-contiguous batch rows of the mesh {dict(mesh.shape)}"
+            "; build the mesh with make_mesh (processes laid out along the batch axes)."
+        )
+    return slice(start, stop)
+
+
 def place_batch(batch: Any, mesh: Mesh) -> Any:
     """Put a batch pytree on ``mesh`` with its leading axis split over ``("data", "fsdp")``.
 
@@ -490,6 +532,212 @@ def with_rules(mesh: Mesh, rules: Rules | None = None) -> Iterator[Mesh]:
     rules = DEFAULT_RULES if rules is None else rules
     with jax.set_mesh(mesh), nn.logical_axis_rules(_flax_rules(mesh, rules)):
         yield mesh
+
+
+class MeshJit:
+    """A ``jax.jit``-ed function that is always traced, lowered and run inside
+    :func:`with_rules` ``(mesh, rules)``, so the models' ``nn.with_logical_constraint`` calls take
+    effect without the caller managing a context. Call it like the function; ``lower``,
+    ``trace`` and ``eval_shape`` work as on a jitted function. Arguments are first bound to
+    ``fn``'s signature (defaults filled in) and passed positionally, so ``in_shardings`` with
+    one entry per parameter also cover defaulted and keyword arguments. ``jitted`` is the
+    underlying ``jax.jit`` object (calling it outside the context would trace without the
+    constraints).
+    """
+
+    def __init__(
+        self, fn: Callable[..., Any], mesh: Mesh, rules: Rules | None = None, **jit_kwargs: Any
+    ) -> None:
+        self.mesh = mesh
+        self.rules = DEFAULT_RULES if rules is None else rules
+        self.jitted = jax.jit(fn, **jit_kwargs)
+        self._signature = inspect.signature(fn)
+        functools.update_wrapper(self, fn)
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return bound.args, bound.kwargs
+
+    def _run(self, method: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        args, kwargs = self._bind(args, kwargs)
+        with with_rules(self.mesh, self.rules):
+            return method(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.jitted, args, kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.jitted.lower, args, kwargs)
+
+    def trace(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.jitted.trace, args, kwargs)
+
+    def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.jitted.eval_shape, args, kwargs)
+
+
+def jit_with_rules(
+    fn: Callable[..., Any], mesh: Mesh | None = None, rules: Rules | None = None, **jit_kwargs: Any
+) -> Callable[..., Any]:
+    """``jax.jit(fn, **jit_kwargs)``; with a ``mesh``, a :class:`MeshJit` that traces and runs
+    inside ``with_rules(mesh, rules)`` (``rules=None``: ``DEFAULT_RULES``)."""
+    if mesh is None:
+        if rules is not None:
+            raise ValueError("jit_with_rules: rules were given without a mesh; pass mesh= too")
+        return jax.jit(fn, **jit_kwargs)
+    return MeshJit(fn, mesh, rules, **jit_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Models: parameter shardings, sharded init and loading, jitted forward and generate
+# --------------------------------------------------------------------------------------------
+
+
+def _abstract_params(config: models.ModelConfig) -> Any:
+    return jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
+
+
+def param_shardings(
+    config: models.ModelConfig, mesh: Mesh, rules: Rules | None = None
+) -> dict[str, Any]:
+    """``NamedSharding`` for every parameter of a model with ``config`` (a params-shaped tree).
+
+    Each parameter's logical axes (:func:`rlhf_jax.models.logical_axes`, e.g. the q kernel
+    ``("layers", "embed", "heads", "head_dim")``) are translated by ``rules`` with the
+    replicate-on-non-divisible fallback of :func:`logical_to_mesh_spec`. No computation: only
+    shapes are evaluated.
+    """
+    return logical_to_sharding(models.logical_axes(config), _abstract_params(config), mesh, rules)
+
+
+def sharded_init_params(
+    config: models.ModelConfig, key: jax.Array, mesh: Mesh, rules: Rules | None = None
+) -> dict[str, Any]:
+    """:func:`rlhf_jax.models.init_params` with every parameter born sharded on ``mesh`` (no
+    device ever holds a whole tensor). Same values as the unsharded init for the same ``key``
+    (partitionable threefry). In a multi-process run every process calls it with the same key.
+    """
+    return sharded_init(
+        functools.partial(models.init_params, config), models.logical_axes(config), mesh, rules, key
+    )
+
+
+def load_sharded(
+    path: str | Path,
+    mesh: Mesh,
+    rules: Rules | None = None,
+    *,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[dict[str, Any], models.ModelConfig]:
+    """Load a local HF checkpoint directory straight onto ``mesh``, shard by shard.
+
+    Like :func:`rlhf_jax.models.load` (same ``dtype`` / ``allow_pickle`` semantics, never
+    downloads), but the converted host (NumPy) params go through :func:`shard_params`: each
+    device receives only its slice, so no device holds the whole model. The host still holds
+    one converted copy per process. In a multi-process run every process calls it with the same
+    ``path`` (a shared or replicated file system). Returns ``(params, config)``.
+    """
+    import transformers
+
+    from rlhf_jax.models import hf
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} is not an HF checkpoint directory (no config.json)")
+    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    config = hf.config_from_hf(hf_config)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+    host = hf.hf_to_params(hf._read_weights(path, allow_pickle), config)
+    return shard_params(host, models.logical_axes(config), mesh, rules), config
+
+
+def _out_spec(logical: tuple[str | None, ...], dims: tuple[int, ...], mesh: Mesh, rules) -> Any:
+    """Mesh spec of an output whose batch dimension (``-1`` in ``dims``) is assumed divisible
+    by ``data * fsdp`` (the inputs' batch sharding already requires it)."""
+    n_batch = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    shape = tuple(n_batch if d == -1 else d for d in dims)
+    return NamedSharding(mesh, logical_to_mesh_spec(PartitionSpec(*logical), shape, mesh, rules))
+
+
+def jit_forward(
+    config: models.ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
+) -> Callable[..., jax.Array]:
+    """Jitted full forward pass to the model's head: ``fn(params, tokens_BT, mask_BT)``.
+
+    ``tokens_BT`` int, ``mask_BT`` 1 on real tokens (left or right padding; positions are the
+    exclusive cumsum of the mask). Returns float ``[B, T, V]`` LM logits for ``head="lm"`` or
+    ``[B, T, num_labels]`` scores for ``head="score"``, in the compute dtype; pad positions are
+    finite but meaningless. With a ``mesh``: params are expected with :func:`param_shardings`,
+    tokens/mask batch-sharded (``B`` divisible by ``data * fsdp``), and the output is sharded
+    over the batch (and the vocabulary over ``tensor`` where it divides).
+    """
+
+    def forward(params: Any, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+        mask_BT = jnp.asarray(mask_BT, bool)
+        hidden, _ = models.forward(params, config, tokens_BT, prompt_positions(mask_BT), mask_BT)
+        if config.head == "score":
+            return models.score(params, config, hidden)
+        return models.lm_logits(params, config, hidden)
+
+    if mesh is None:
+        return jit_with_rules(forward, None, rules)
+    batch = batch_sharding(mesh, 2)
+    if config.head == "score":
+        out = _out_spec(("batch",), (-1, 1, config.num_labels), mesh, rules)
+    else:
+        out = _out_spec(("batch", "length", "act_vocab"), (-1, 1, config.vocab_size), mesh, rules)
+    return jit_with_rules(
+        forward,
+        mesh,
+        rules,
+        in_shardings=(param_shardings(config, mesh, rules), batch, batch),
+        out_shardings=out,
+    )
+
+
+def generation_shardings(mesh: Mesh) -> Generation:
+    """Shardings of a :class:`~rlhf_jax.sampling.Generation`: every field split over the batch."""
+    return Generation(
+        tokens=batch_sharding(mesh, 2),
+        logprobs=batch_sharding(mesh, 2),
+        mask=batch_sharding(mesh, 2),
+        sequence_lengths=batch_sharding(mesh, 1),
+        stopped=batch_sharding(mesh, 1),
+    )
+
+
+def jit_generate(
+    model_config: models.ModelConfig,
+    sampling_config: SamplingConfig,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+) -> Callable[..., Generation]:
+    """Jitted :func:`rlhf_jax.generate`: ``fn(params, prompts_BP, prompt_mask_BP, key)``.
+
+    Prompts are left-padded int ``[B, P]`` with a 1/True mask on real tokens; ``key`` a PRNG
+    key. Returns a :class:`~rlhf_jax.sampling.Generation`. With a ``mesh``: params with
+    :func:`param_shardings`, prompts/mask batch-sharded over ``("data", "fsdp")`` (``B``
+    divisible by ``data * fsdp``; use :func:`place_batch`), the key replicated; every output is
+    batch-sharded and the KV cache follows the models' logical constraints. Sampled tokens do
+    not depend on the mesh (partitionable threefry), up to float rounding of the logits.
+    """
+
+    def gen(params: Any, prompts_BP: Any, prompt_mask_BP: Any, key: jax.Array) -> Generation:
+        return generate(params, model_config, prompts_BP, prompt_mask_BP, key, sampling_config)
+
+    if mesh is None:
+        return jit_with_rules(gen, None, rules)
+    batch = batch_sharding(mesh, 2)
+    return jit_with_rules(
+        gen,
+        mesh,
+        rules,
+        in_shardings=(param_shardings(model_config, mesh, rules), batch, batch, replicated(mesh)),
+        out_shardings=generation_shardings(mesh),
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,11 +6,11 @@ Usage (one command per process, same port)::
         --num-processes 2 --process-id I --local-devices 2 --out result_I.npz
 
 Each process gets ``--local-devices`` virtual CPU devices and talks to the others through gloo
-collectives. A *task* is a function ``(args) -> dict[str, np.ndarray]`` registered in ``TASKS``;
-its result is written with ``np.savez`` to ``--out`` (every process writes its own file so the
-test can check that all processes agree). Tasks build their inputs with deterministic helpers
-(like :func:`reduce_inputs`) that the test also imports to compute the single-process
-reference. Add a task (e.g. two PPO iterations) by writing a function and registering it.
+collectives. A *task* is a function ``(args) -> dict[str, np.ndarray] | None`` registered in
+``TASKS``; a returned dict is written with ``np.savez`` to ``--out`` (``reduce``: every process
+writes, so the test can check that all agree; ``ppo``: only process 0). Tasks build their inputs
+with deterministic helpers (like :func:`reduce_inputs`, :func:`ppo_run`) that the test also
+imports to compute the single-process reference. Tests start the processes with :func:`launch`.
 
 Exit codes: 0 ok, 3 gloo CPU collectives unavailable in this jaxlib, anything else an error.
 """
@@ -18,7 +18,10 @@ Exit codes: 0 ok, 3 gloo CPU collectives unavailable in this jaxlib, anything el
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import socket
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 EXIT_NO_GLOO = 3
+Result = dict[str, np.ndarray]
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +95,108 @@ def reduce_shard_inputs(mesh: Any, local_rows: slice | None = None) -> tuple[Any
 
 
 # --------------------------------------------------------------------------------------------
+# PPO: two iterations of the whole jitted PPO step on a (data=1, fsdp=2, tensor=2) mesh
+# --------------------------------------------------------------------------------------------
+
+PPO_MESH_SIZES = {"data": 1, "fsdp": 2, "tensor": 2}
+PPO_ITERATIONS = 2
+
+
+def ppo_problem() -> dict[str, Any]:
+    """A tiny deterministic PPO problem: Llama policy/value/reward configs with heads, kv heads,
+    vocabulary and hidden sizes divisible by every test mesh, a `PPOConfig` whose batch (16)
+    divides by data*fsdp <= 8, and left-padded prompts."""
+    from rlhf_jax import models, ppo
+
+    policy = models.ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    reward = dataclasses.replace(policy, head="score")
+    config = ppo.PPOConfig(
+        batch_size=16,
+        response_length=6,
+        temperature=1.0,
+        stop_token_ids=(2,),
+        num_ppo_epochs=2,
+        num_mini_batches=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        value_learning_rate=1e-3,
+        total_iterations=10,
+        kl_target=0.5,
+        kl_horizon=100.0,
+    )
+    rng = np.random.default_rng(7)
+    prompt_len = 5
+    real = rng.integers(2, prompt_len + 1, size=config.batch_size)
+    mask = np.arange(prompt_len)[None, :] >= (prompt_len - real)[:, None]
+    tokens = rng.integers(3, policy.vocab_size, size=(config.batch_size, prompt_len))
+    return {
+        "config": config,
+        "ppo_models": ppo.PPOModels(policy=policy, value=reward, reward=reward),
+        "prompts": np.where(mask, tokens, 0).astype(np.int32),
+        "prompt_mask": mask,
+    }
+
+
+def ppo_scale_reward(reward_params: Any) -> Any:
+    """Random-init scores are ~0.05; scaling the score head spreads them over O(1)."""
+    import jax
+
+    return jax.jit(
+        lambda p: {**p, "score": {"kernel": p["score"]["kernel"] * 30.0}},
+        donate_argnums=0,
+    )(reward_params)
+
+
+def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
+    """`PPO_ITERATIONS` sharded PPO iterations on `mesh`; every process of a multi-process run
+    calls it and feeds only its own rows of the prompt batch. Returns the metrics of every
+    iteration (`"{i}/{name}"`) and global reductions of the final params (replicated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax import ppo
+    from rlhf_jax import sharding as sh
+
+    problem = ppo_problem()
+    config, ppo_models = problem["config"], problem["ppo_models"]
+    policy = sh.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
+    reward = ppo_scale_reward(sh.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh))
+    state = ppo.jit_init_state(config, ppo_models, mesh)(policy, reward)
+    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    rows = sh.local_batch_slice(mesh, config.batch_size)
+    prompts, mask = sh.place_batch((problem["prompts"][rows], problem["prompt_mask"][rows]), mesh)
+    iteration = ppo.jit_ppo_iteration(config, ppo_models, mesh)
+    out: dict[str, np.ndarray] = {}
+    for i in range(PPO_ITERATIONS):
+        state, metrics = iteration(state, frozen, prompts, mask, jax.random.key(100 + i))
+        out |= {f"{i}/{k}": np.asarray(v.addressable_data(0)) for k, v in metrics.items()}
+    sums = jax.jit(
+        lambda s: {
+            "policy_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.policy_params)),
+            "value_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.value_params)),
+            "nu_sum": sum(jnp.sum(x) for x in jax.tree.leaves(s.policy_opt_state)),
+        },
+        out_shardings=sh.replicated(mesh),
+    )(state)
+    out |= {k: np.asarray(v.addressable_data(0)) for k, v in sums.items()}
+    out["local_rows"] = np.asarray([rows.start, rows.stop])
+    out["prompts_spec"] = np.asarray(str(prompts.sharding.spec))
+    q_kernel = state.policy_params["layers"]["attn"]["q"]["kernel"]
+    out["q_spec"] = np.asarray(str(q_kernel.sharding.spec))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
 
@@ -113,9 +219,113 @@ def task_reduce(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return out
 
 
-TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray]]] = {
+def task_ppo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    import jax
+
+    from rlhf_jax import sharding as sh
+
+    mesh = sh.make_mesh(sh.MeshConfig(**PPO_MESH_SIZES))
+    out = ppo_run(mesh)
+    out["process_count"] = np.asarray(jax.process_count())
+    out["global_devices"] = np.asarray(jax.device_count())
+    return out if sh.is_main_process() else None
+
+
+TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
     "reduce": task_reduce,
+    "ppo": task_ppo,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Launching from a test
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Workers:
+    """Running worker processes started by :func:`launch`."""
+
+    procs: list[subprocess.Popen]
+    outs: list[Path]
+    logs: list[Any]
+    _result: tuple[list[int] | None, list[Result | None], str] | None = None
+
+    def wait(self, timeout: float) -> tuple[list[int] | None, list[Result | None], str]:
+        """Wait for all processes (killing them after ``timeout`` seconds in total). Returns the
+        exit codes (``None`` on timeout), each process's result (``None`` where it wrote no
+        file) and the tail of every log. Calling it again returns the same answer."""
+        if self._result is not None:
+            return self._result
+        try:
+            codes: list[int] | None = [p.wait(timeout=timeout) for p in self.procs]
+        except subprocess.TimeoutExpired:
+            codes = None
+        finally:
+            self.kill()
+        texts = []
+        for log in self.logs:
+            log.seek(0)
+            texts.append(log.read())
+            log.close()
+        report = "\n".join(f"--- process {i} ---\n{t[-3000:]}" for i, t in enumerate(texts))
+        results = [dict(np.load(o)) if o.exists() else None for o in self.outs]
+        self._result = (codes, results, report)
+        return self._result
+
+    def kill(self) -> None:
+        """Kill the processes still running (these workers only)."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def wait_or_fail(workers: Workers, timeout: float) -> list[Result | None]:
+    """:meth:`Workers.wait`, then fail the calling test unless every process exited 0 (skip it
+    when this jaxlib has no gloo CPU collectives). Returns the per-process results."""
+    import pytest
+
+    codes, results, report = workers.wait(timeout)
+    if codes is None:
+        pytest.fail(f"multi-process workers timed out after {timeout}s\n{report}")
+    if any(c == EXIT_NO_GLOO for c in codes):
+        pytest.skip(f"gloo CPU collectives are unavailable in this jaxlib:\n{report}")
+    assert codes == [0] * len(codes), f"worker exit codes {codes}\n{report}"
+    return results
+
+
+def launch(task: str, out_dir: Path, num_processes: int = 2, local_devices: int = 2) -> Workers:
+    """Start ``num_processes`` copies of this script running ``task`` on localhost (one free
+    port, gloo collectives); results go to ``out_dir/{task}_{i}.npz``. The caller may compute
+    its reference meanwhile, then calls :meth:`Workers.wait`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    procs, outs, logs = [], [], []
+    for pid in range(num_processes):
+        out = out_dir / f"{task}_{pid}.npz"
+        log = open(out_dir / f"{task}_{pid}.log", "w+")  # closed in Workers.wait
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            f"--task={task}",
+            f"--coordinator=localhost:{port}",
+            f"--num-processes={num_processes}",
+            f"--process-id={pid}",
+            f"--local-devices={local_devices}",
+            f"--out={out}",
+        ]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        outs.append(out)
+        logs.append(log)
+    return Workers(procs, outs, logs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,7 +347,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
+    # As in conftest.py: LLVM -O0 halves the compile time of the tiny test programs.
+    os.environ["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={args.local_devices} "
+        "--xla_backend_optimization_level=0"
+    )
     sys.path.insert(0, str(REPO_ROOT))
 
     import jax
@@ -157,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         process_id=args.process_id,
     )
     result = TASKS[args.task](args)
-    np.savez(args.out, **result)
+    if result is not None:
+        np.savez(args.out, **result)
     jax.distributed.shutdown()
     return 0
 

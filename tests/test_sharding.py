@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -464,55 +461,10 @@ def test_initialize_distributed_single_process_is_noop(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def run_workers(task: str, tmp_path: Path, num_processes: int = 2, timeout: float = 120.0):
     """Run ``num_processes`` copies of tests/multihost_worker.py; return their results."""
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR.parent), env.get("PYTHONPATH", "")])
-    procs, outs, logs = [], [], []
-    for pid in range(num_processes):
-        out = tmp_path / f"{task}_{pid}.npz"
-        log = open(tmp_path / f"{task}_{pid}.log", "w+")
-        cmd = [
-            sys.executable,
-            str(TESTS_DIR / "multihost_worker.py"),
-            f"--task={task}",
-            f"--coordinator=localhost:{port}",
-            f"--num-processes={num_processes}",
-            f"--process-id={pid}",
-            "--local-devices=2",
-            f"--out={out}",
-        ]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-        outs.append(out)
-        logs.append(log)
-    try:
-        codes = [p.wait(timeout=timeout) for p in procs]
-    except subprocess.TimeoutExpired:
-        codes = None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    texts = []
-    for log in logs:
-        log.seek(0)
-        texts.append(log.read())
-        log.close()
-    report = "\n".join(f"--- process {i} ---\n{t[-3000:]}" for i, t in enumerate(texts))
-    if codes is None:
-        pytest.fail(f"multi-process workers timed out after {timeout}s\n{report}")
-    if any(c == multihost_worker.EXIT_NO_GLOO for c in codes):
-        pytest.skip(f"gloo CPU collectives are unavailable in this jaxlib:\n{report}")
-    assert codes == [0] * num_processes, f"worker exit codes {codes}\n{report}"
-    return [dict(np.load(o)) for o in outs]
+    workers = multihost_worker.launch(task, tmp_path, num_processes)
+    return multihost_worker.wait_or_fail(workers, timeout)
 
 
 def test_multiprocess_place_batch_and_reduce(tmp_path):

@@ -1,0 +1,343 @@
+"""Sharded models, sampler and PPO on 8 virtual CPU devices: every mesh gives the single-device
+result (forward logits, greedy tokens, one whole PPO iteration), parameters and optimiser states
+are sharded as the logical-axis rules say, and a 2-process run equals the 1-process run.
+
+Each mesh compiles each function once (module-level caches shared by the tests)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from rlhf_jax import models, ppo
+from rlhf_jax import sharding as sh
+from rlhf_jax.sampling import SamplingConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import multihost_worker  # noqa: E402
+
+MESHES = {
+    "8x1x1": sh.MeshConfig(data=8, fsdp=1, tensor=1),
+    "1x8x1": sh.MeshConfig(data=1, fsdp=8, tensor=1),
+    "2x2x2": sh.MeshConfig(data=2, fsdp=2, tensor=2),
+    "1x2x4": sh.MeshConfig(data=1, fsdp=2, tensor=4),
+}
+PROBLEM = multihost_worker.ppo_problem()
+CONFIG, PPO_MODELS = PROBLEM["config"], PROBLEM["ppo_models"]
+POLICY, REWARD = PPO_MODELS.policy, PPO_MODELS.reward
+PROMPTS, PROMPT_MASK = PROBLEM["prompts"], PROBLEM["prompt_mask"]
+GREEDY = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(2,))
+ITERATION_KEY = jax.random.key(100)  # multihost_worker.ppo_run's first iteration
+TOL = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def padded(spec, ndim):
+    """A spec as a tuple of one entry per dimension (trailing None made explicit)."""
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+@functools.cache
+def reference():
+    """Single-device results (plain `jax.jit`, no mesh)."""
+    policy = models.init_params(POLICY, jax.random.key(0))
+    reward = multihost_worker.ppo_scale_reward(models.init_params(REWARD, jax.random.key(1)))
+    logits = sh.jit_forward(POLICY)(policy, PROMPTS, PROMPT_MASK)
+    gen = sh.jit_generate(POLICY, GREEDY)(policy, PROMPTS, PROMPT_MASK, jax.random.key(3))
+    state0 = ppo.jit_init_state(CONFIG, PPO_MODELS)(policy, reward)
+    state0_host = host(state0)
+    iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS)
+    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    state, metrics = iteration(state0, frozen, PROMPTS, PROMPT_MASK, ITERATION_KEY)
+    return {
+        "policy": host(policy),
+        "reward": host(reward),
+        "logits": np.asarray(logits),
+        "gen": host(gen),
+        "state0": state0_host,
+        "state": host(state),
+        "metrics": host(metrics),
+    }
+
+
+@functools.cache
+def mesh_run(name):
+    """Forward, greedy generate and one PPO iteration on mesh `name`, each compiled once.
+
+    On 2x2x2 the params are born sharded (`sharded_init_params`) and the state comes from
+    `jit_init_state`; elsewhere the reference's host values are placed with `device_put`.
+    """
+    ref = reference()
+    mesh = sh.make_mesh(MESHES[name])
+    shardings = ppo.ppo_shardings(CONFIG, PPO_MODELS, mesh)
+    if name == "2x2x2":
+        policy = sh.sharded_init_params(POLICY, jax.random.key(0), mesh)
+        reward = sh.sharded_init_params(REWARD, jax.random.key(1), mesh)
+        reward = multihost_worker.ppo_scale_reward(reward)
+        state0 = ppo.jit_init_state(CONFIG, PPO_MODELS, mesh)(policy, reward)
+    else:
+        policy = jax.device_put(ref["policy"], shardings.frozen.ref)
+        reward = jax.device_put(ref["reward"], shardings.frozen.reward)
+        state0 = jax.device_put(ref["state0"], shardings.state)
+    born = {"policy": host(policy), "reward": host(reward), "state0": host(state0)}
+    prompts, mask = sh.place_batch((PROMPTS, PROMPT_MASK), mesh)
+    logits = sh.jit_forward(POLICY, mesh)(policy, prompts, mask)
+    gen = sh.jit_generate(POLICY, GREEDY, mesh)(policy, prompts, mask, jax.random.key(3))
+    iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, mesh)
+    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    state, metrics = iteration(state0, frozen, prompts, mask, ITERATION_KEY)
+    return {
+        "mesh": mesh,
+        "shardings": shardings,
+        "born": born,
+        "policy": policy,
+        "logits": logits,
+        "gen": gen,
+        "state": state,
+        "metrics": metrics,
+        "iteration": iteration,
+        "frozen": frozen,
+        "batch": (prompts, mask),
+    }
+
+
+# ------------------------------------------------------------------------------ expected specs
+
+RULES = dict(sh.DEFAULT_RULES)
+
+
+def spec_from_rules(logical, shape, mesh):
+    """The mesh spec the default rules give a parameter, written out per dimension. The test
+    models are chosen so that every sharded dimension divides (asserted), i.e. no fallback."""
+    out = []
+    for name, dim in zip(padded(logical, len(shape)), shape, strict=True):
+        axes = RULES.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        assert dim % math.prod(mesh.shape[a] for a in axes) == 0, (logical, shape, dict(mesh.shape))
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return tuple(out)
+
+
+def expected_param_specs(config, mesh):
+    shapes = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    return jax.tree.map(
+        lambda logical, x: spec_from_rules(logical, x.shape, mesh),
+        models.logical_axes(config),
+        shapes,
+        is_leaf=lambda x: isinstance(x, P),
+    )
+
+
+def actual_specs(tree):
+    return jax.tree.map(lambda x: padded(x.sharding.spec, x.ndim), tree)
+
+
+# ----------------------------------------------------------------------------------- the tests
+
+
+def test_rules_give_the_documented_specs():
+    """Anchor the derivation on a few specs written out by hand (layer axis first)."""
+    mesh = sh.make_mesh(MESHES["2x2x2"])
+    specs = expected_param_specs(POLICY, mesh)
+    assert specs["layers"]["attn"]["q"]["kernel"] == (None, "fsdp", "tensor", None)
+    assert specs["layers"]["attn"]["o"]["kernel"] == (None, "tensor", None, "fsdp")
+    assert specs["layers"]["mlp"]["down"]["kernel"] == (None, "tensor", "fsdp")
+    assert specs["embed"]["embedding"] == ("tensor", "fsdp")
+    assert specs["lm_head"]["kernel"] == ("fsdp", "tensor")
+    assert specs["layers"]["attn_norm"]["scale"] == (None, "fsdp")
+    assert expected_param_specs(REWARD, mesh)["score"]["kernel"] == ("fsdp", None)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_params_and_optimizer_states_are_sharded_by_the_rules(name):
+    run = mesh_run(name)
+    mesh, state = run["mesh"], run["state"]
+    policy_specs = expected_param_specs(POLICY, mesh)
+    value_specs = expected_param_specs(REWARD, mesh)
+    assert actual_specs(run["policy"]) == policy_specs
+    assert actual_specs(run["frozen"].reward) == value_specs
+    # The state coming out of the iteration keeps the shardings (donation reuses the buffers).
+    assert actual_specs(state.policy_params) == policy_specs
+    assert actual_specs(state.value_params) == value_specs
+    for opt_state, specs in (
+        (state.policy_opt_state, policy_specs),
+        (state.value_opt_state, value_specs),
+    ):
+        _clip, (adam, *_) = opt_state  # chain(clip_by_global_norm, adamw)
+        assert actual_specs(adam.mu) == specs and actual_specs(adam.nu) == specs
+        assert adam.count.sharding.spec == P()
+    for leaf in (state.iteration, state.episode, *jax.tree.leaves(state.kl)):
+        assert leaf.sharding.spec == P() and leaf.sharding.mesh == mesh
+    # Each device really holds a 1/(fsdp*tensor) slice of the q kernel, not a copy.
+    q = state.policy_params["layers"]["attn"]["q"]["kernel"]
+    shard_elems = {s.data.size for s in q.addressable_shards}
+    assert shard_elems == {q.size // (mesh.shape["fsdp"] * mesh.shape["tensor"])}
+    assert all(s.sharding.spec == run["shardings"].batch.spec for s in run["batch"])
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_forward_logits_match_single_device(name):
+    run = mesh_run(name)
+    logits = run["logits"]
+    assert padded(logits.sharding.spec, 3) == (("data", "fsdp"), None, "tensor")
+    np.testing.assert_allclose(np.asarray(logits), reference()["logits"], **TOL)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_greedy_generate_matches_single_device(name):
+    run, ref = mesh_run(name), reference()["gen"]
+    gen = run["gen"]
+    assert gen.tokens.sharding.spec == P(("data", "fsdp"), None)
+    assert gen.sequence_lengths.sharding.spec == P(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(gen.tokens), ref.tokens)
+    np.testing.assert_array_equal(np.asarray(gen.mask), ref.mask)
+    np.testing.assert_array_equal(np.asarray(gen.sequence_lengths), ref.sequence_lengths)
+    np.testing.assert_allclose(np.asarray(gen.logprobs), ref.logprobs, **TOL)
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_ppo_iteration_matches_single_device(name):
+    run, ref = mesh_run(name), reference()
+    # The inputs are the reference's (born sharded on 2x2x2: same values, threefry).
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
+        run["born"]["policy"],
+        ref["policy"],
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
+        run["born"]["state0"],
+        ref["state0"],
+    )
+    state, metrics = host(run["state"]), host(run["metrics"])
+    assert metrics.keys() == ref["metrics"].keys()
+    for key in ref["metrics"]:
+        np.testing.assert_allclose(metrics[key], ref["metrics"][key], **TOL, err_msg=key)
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    ref_flat = jax.tree.leaves(ref["state"])
+    for (path, leaf), want in zip(flat, ref_flat, strict=True):
+        np.testing.assert_allclose(leaf, want, **TOL, err_msg=jax.tree_util.keystr(path))
+    # The update really moved the params (so the comparison above is not vacuous).
+    moved = np.abs(state.policy_params["lm_head"]["kernel"] - ref["policy"]["lm_head"]["kernel"])
+    assert moved.max() > 1e-3
+    assert int(state.iteration) == 1 and int(state.episode) == CONFIG.batch_size
+
+
+def test_second_iteration_reuses_the_compiled_step():
+    run = mesh_run("2x2x2")
+    iteration = run["iteration"]
+    state = jax.tree.map(lambda x: x.copy(), run["state"])  # keep the cached result intact
+    state, metrics = iteration(state, run["frozen"], *run["batch"], jax.random.key(101))
+    assert iteration.jitted._cache_size() == 1
+    assert int(state.iteration) == 2
+    assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+
+
+def test_advantage_whitening_is_over_the_global_batch():
+    """build_experience on a batch split over 8 devices whitens with global statistics."""
+    rng = np.random.default_rng(0)
+    b, t = 16, 6
+    lengths = rng.integers(0, t, size=b).astype(np.int32)
+    mask = np.arange(t)[None] <= lengths[:, None]
+    gen = ppo.Generation(
+        tokens=rng.integers(3, 60, size=(b, t)).astype(np.int32),
+        logprobs=np.where(mask, -rng.random((b, t)), 1.0).astype(np.float32),
+        mask=mask,
+        sequence_lengths=lengths,
+        stopped=np.ones(b, bool),
+    )
+    # Rows differ in scale by shard, so per-shard whitening would give a different answer.
+    row_scale = np.repeat(np.arange(1, 9, dtype=np.float32), 2)[:, None]
+    roll = ppo.Rollout(
+        prompts=np.zeros((b, 3), np.int32),
+        prompt_mask=np.ones((b, 3), bool),
+        generation=gen,
+        old_logprobs=gen.logprobs,
+        ref_logprobs=np.where(mask, gen.logprobs - 0.1 * rng.random((b, t)), 1.0).astype(
+            np.float32
+        ),
+        values=np.where(mask, row_scale * rng.standard_normal((b, t)), 0.0).astype(np.float32),
+    )
+    scores = (row_scale[:, 0] * rng.standard_normal(b)).astype(np.float32)
+    build = functools.partial(ppo.build_experience, config=CONFIG)
+    want, _ = jax.jit(build)(roll, scores, jnp.float32(0.05))
+    mesh = sh.make_mesh(MESHES["8x1x1"])
+    placed = sh.place_batch((roll, scores), mesh)
+    assert placed[0].values.sharding.spec == P(("data", "fsdp"), None)
+    got, _ = jax.jit(build)(*placed, jnp.float32(0.05))
+    np.testing.assert_allclose(np.asarray(got.advantages), np.asarray(want.advantages), **TOL)
+    adv = np.asarray(got.advantages)
+    np.testing.assert_allclose(adv[mask].mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(adv[mask].std(ddof=1), 1.0, atol=1e-4)
+    shard_std = [adv[2 * i : 2 * i + 2][mask[2 * i : 2 * i + 2]].std() for i in range(8)]
+    assert np.ptp(shard_std) > 0.5  # per-shard statistics differ: the whitening was global
+
+
+def test_jit_ppo_iteration_rejects_rules_without_mesh():
+    with pytest.raises(ValueError, match="without a mesh"):
+        ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, rules=sh.DEFAULT_RULES)
+
+
+def test_local_batch_slice():
+    mesh = sh.make_mesh(MESHES["2x2x2"])
+    assert sh.local_batch_slice(mesh, 16) == slice(0, 16)
+    with pytest.raises(ValueError, match="data\\*fsdp=4"):
+        sh.local_batch_slice(mesh, 6)
+
+
+MULTIPROCESS_TEST = "test_two_processes_match_one_process_on_four_devices"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ppo_workers(request, tmp_path_factory):
+    """Start the 2-process PPO run when this module starts (if its test is selected): the
+    workers compile on the second core while the single-process tests run."""
+    selected = any(
+        item.name == MULTIPROCESS_TEST and item.module.__name__ == __name__
+        for item in request.session.items
+    )
+    if not selected:
+        yield None
+        return
+    workers = multihost_worker.launch("ppo", tmp_path_factory.mktemp("ppo_workers"))
+    yield workers
+    workers.kill()
+
+
+def test_two_processes_match_one_process_on_four_devices(ppo_workers):
+    """2 processes x 2 CPU devices (gloo), each feeding its half of the prompts, run 2 PPO
+    iterations; the metrics equal this process's run on 4 of its devices, whose first iteration
+    equals the single-device reference."""
+    try:
+        mesh = sh.make_mesh(
+            sh.MeshConfig(**multihost_worker.PPO_MESH_SIZES), devices=jax.devices()[:4]
+        )
+        expected = multihost_worker.ppo_run(mesh)
+    finally:
+        results = multihost_worker.wait_or_fail(ppo_workers, timeout=600.0)
+    assert results[1] is None, "only process 0 writes its result"
+    got = results[0]
+    assert int(got["process_count"]) == 2 and int(got["global_devices"]) == 4
+    assert list(got["local_rows"]) == [0, CONFIG.batch_size // 2]
+    assert list(expected["local_rows"]) == [0, CONFIG.batch_size]
+    batch_spec = str(P(("data", "fsdp"), None))
+    assert str(got["prompts_spec"]) == str(expected["prompts_spec"]) == batch_spec
+    assert str(got["q_spec"]) == str(P(None, "fsdp", "tensor"))
+    metric_keys = [k for k in expected if "/" in k]
+    assert len(metric_keys) == multihost_worker.PPO_ITERATIONS * len(reference()["metrics"])
+    for key in [*metric_keys, "policy_sq_sum", "value_sq_sum", "nu_sum"]:
+        np.testing.assert_allclose(got[key], expected[key], **TOL, err_msg=key)
+    for key, want in reference()["metrics"].items():
+        np.testing.assert_allclose(expected[f"0/{key}"], want, **TOL, err_msg=key)
