@@ -27,6 +27,7 @@ from rlhf_jax.reward_model import (
     reward_init_from_policy,
 )
 from rlhf_jax.sft import SFTBatch, TrainConfig, init_train_state, make_sft_step
+from rlhf_jax.trainer import TrainResult
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,7 +158,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return order[n_eval:], order[:n_eval]
 
 
-def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> dict[str, Any]:
+def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult:
     run_dir = Path(config.run_dir)
     model_path = Path(config.model)
     if not (model_path / "config.json").exists():
@@ -283,7 +284,7 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> dict[str, A
         models.hf.save(params, model_config, run_dir / "model", tokenizer=tokenizer)
         logger.message(f"exported the {kind} model to {run_dir / 'model'}")
     logger.close()
-    return summary
+    return TrainResult(run_dir, total, "finished", summary, checkpointer.directory / str(total))
 
 
 def _eval_fn(kind: str, model_config: models.ModelConfig, beta_rm: float):
@@ -300,14 +301,14 @@ def _eval_fn(kind: str, model_config: models.ModelConfig, beta_rm: float):
     return fn
 
 
-def train_sft(config: SupervisedRunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Supervised fine-tuning on (prompt, completion) rows; returns the final metrics."""
+def train_sft(config: SupervisedRunConfig, *, resume: bool = False) -> TrainResult:
+    """Supervised fine-tuning on (prompt, completion) rows."""
     return _run(config, kind="sft", resume=resume)
 
 
-def train_rm(config: SupervisedRunConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Reward-model training on (prompt, chosen, rejected) rows; returns the final metrics
-    (held-out `eval/accuracy` is the pairwise accuracy)."""
+def train_rm(config: SupervisedRunConfig, *, resume: bool = False) -> TrainResult:
+    """Reward-model training on (prompt, chosen, rejected) rows (`metrics['eval/accuracy']` is
+    the held-out pairwise accuracy)."""
     return _run(config, kind="rm", resume=resume)
 
 

@@ -1,0 +1,194 @@
+"""`rlhf-jax train rloo | grpo | reinforce++`: the critic-free algorithms as runs.
+
+Same configs, prompt data, Orbax checkpoints (exact resume of state, PRNG key and data position)
+and logging as `train ppo`; no value model is built. Rewards come from a reward model
+(`models.reward`), a Python function (`models.reward_function = "module:function"`), or both
+(the function's reward plus the model's score). The policy is exported in HF format to
+`run_dir/policy` at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+
+from rlhf_jax import checkpoint as ckpt
+from rlhf_jax import config as cfg
+from rlhf_jax import critic_free as cf
+from rlhf_jax import data, models, sharding
+from rlhf_jax import reward_functions as rf
+from rlhf_jax.logging import RunLogger
+from rlhf_jax.ppo import check_finite
+from rlhf_jax.trainer import SetupError, TrainResult, read_model_config, resolve_model_path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _CriticFreeRun:
+    """Fields shared by the critic-free run configs (see `PPORunConfig` for their meaning).
+    `models.value` is ignored: these algorithms have no value model."""
+
+    run_dir: str
+    seed: int = 0
+    models: cfg.ModelsConfig
+    tokenizer: cfg.TokenizerConfig = dataclasses.field(default_factory=cfg.TokenizerConfig)
+    data: cfg.DataConfig
+    logging: cfg.LoggingConfig = dataclasses.field(default_factory=cfg.LoggingConfig)
+    checkpoint: cfg.CheckpointConfig = dataclasses.field(default_factory=cfg.CheckpointConfig)
+
+    def algorithm(self) -> cf.CriticFreeConfig:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLOORunConfig(_CriticFreeRun):
+    """`rlhf-jax train rloo`; `rloo` holds `critic_free.RLOOConfig`."""
+
+    rloo: cf.RLOOConfig
+
+    def algorithm(self) -> cf.CriticFreeConfig:
+        return self.rloo
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPORunConfig(_CriticFreeRun):
+    """`rlhf-jax train grpo`; `grpo` holds `critic_free.GRPOConfig`."""
+
+    grpo: cf.GRPOConfig
+
+    def algorithm(self) -> cf.CriticFreeConfig:
+        return self.grpo
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReinforcePPRunConfig(_CriticFreeRun):
+    """`rlhf-jax train reinforce++`; `reinforce` holds `critic_free.ReinforcePPConfig`."""
+
+    reinforce: cf.ReinforcePPConfig
+
+    def algorithm(self) -> cf.CriticFreeConfig:
+        return self.reinforce
+
+
+def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainResult:
+    """Runs (or resumes) RLOO, GRPO or REINFORCE++ as configured.
+
+    Raises SetupError / DataError / ConfigError before any compute, `ppo.NonFiniteError` on
+    NaN/inf (nothing of that iteration is saved) and `RewardFunctionError` from reward functions.
+    """
+    mc = config.models
+    policy_path = resolve_model_path(mc.policy, "models.policy")
+    tokenizer = data.load_tokenizer(config.tokenizer, str(policy_path))
+    policy_config = read_model_config(policy_path, "models.policy", head="lm", models_config=mc)
+    reward_config = reward_path = None
+    if mc.reward is not None:
+        reward_path = resolve_model_path(mc.reward, "models.reward")
+        reward_config = read_model_config(
+            reward_path, "models.reward", head="score", models_config=mc
+        )
+    for key, model_config in (("models.policy", policy_config), ("models.reward", reward_config)):
+        if model_config is not None and len(tokenizer) > model_config.vocab_size:
+            raise SetupError(
+                f"{key}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                f"{model_config.vocab_size}; use the model's own tokenizer (tokenizer.path)"
+            )
+    stops = (*config.algorithm().stop_token_ids, *data.stop_token_ids(tokenizer, config.tokenizer))
+    try:
+        algo = dataclasses.replace(
+            config.algorithm(),
+            pad_token_id=int(tokenizer.pad_token_id),
+            stop_token_ids=tuple(dict.fromkeys(stops)),
+        )
+    except ValueError as err:
+        raise SetupError(f"algorithm: {err}") from err
+    dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
+    run_dir = Path(config.run_dir).absolute()
+    checkpointer = ckpt.Checkpointer(
+        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        checkpointer.close()
+        raise SetupError(f"{run_dir} already has checkpoints; pass --resume or a new run_dir")
+
+    policy, _ = models.load(policy_path, dtype=mc.param_dtype, allow_pickle=mc.allow_pickle)
+    reward = None
+    if reward_path is not None:
+        reward, _ = models.load(reward_path, dtype=mc.param_dtype, allow_pickle=mc.allow_pickle)
+    cf_models = cf.CriticFreeModels(policy=policy_config, reward=reward_config)
+    frozen = cf.CriticFreeFrozen(ref=policy if algo.core().needs_ref else None, reward=reward)
+    state = cf.init_state(policy, algo)
+    key = jax.random.key(config.seed)
+    position = data.DataPosition()
+    if latest is not None:
+        abstract = {
+            "state": ckpt.abstract_like(state),
+            "rng": {"key": ckpt.abstract_like(jax.random.key_data(key))},
+        }
+        restored, meta = checkpointer.restore(latest, abstract)
+        state, key = restored["state"], jax.random.wrap_key_data(restored["rng"]["key"])
+        position = data.DataPosition(*meta["data_position"])
+
+    if mc.reward_function is not None:
+        terms = rf.reward_terms([mc.reward_function])
+        decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        step = cf.make_host_iteration(
+            algo, cf_models, rf.make_score_fn(terms, decode, algo.group_size)
+        )
+    else:
+        step = cf.jit_iteration(algo, cf_models)
+    main = sharding.is_main_process()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save_config(config, run_dir / "config.yaml")
+    start, total = int(state.iteration), algo.total_iterations
+    logger = RunLogger(
+        run_dir,
+        config.logging,
+        total_iterations=total,
+        start_iteration=start,
+        run_config=cfg.to_dict(config),
+        enabled=main,
+    )
+    logger.message(f"{len(dataset)} prompts x {algo.group_size} completions per prompt")
+    metrics: dict[str, float] = {}
+    for iteration in range(start + 1, total + 1):
+        rows, position = data.batch_indices(
+            len(dataset), algo.num_prompts, position, seed=config.seed, shuffle=config.data.shuffle
+        )
+        key, step_key = jax.random.split(key)
+        args = (state, frozen, dataset.tokens[rows], dataset.mask[rows], step_key)
+        if mc.reward_function is not None:
+            columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
+            state, out = step(*args, [dataset.texts[i] for i in rows], columns)
+        else:
+            state, out = step(*args)
+        check_finite(out, iteration)
+        metrics = {k: float(v) for k, v in out.items()}
+        logger.log(iteration, metrics)
+        every = config.checkpoint.every
+        if (every and iteration % every == 0) or iteration == total:
+            checkpointer.save(
+                iteration,
+                {"state": state, "rng": {"key": jax.random.key_data(key)}},
+                {"data_position": list(position)},
+            )
+    checkpointer.close()
+    if main:
+        models.hf.save(state.policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer)
+        logger.message(f"exported the policy to {run_dir / 'policy'}")
+    logger.close()
+    return TrainResult(run_dir, total, "finished", metrics, checkpointer.directory / str(total))
+
+
+def _algorithm(name: str, config: type, help: str) -> cfg.Algorithm:
+    return cfg.Algorithm(name=name, config=config, run=train_critic_free, help=help)
+
+
+RLOO = _algorithm("rloo", RLOORunConfig, "RLOO: leave-one-out baseline over k completions")
+GRPO = _algorithm("grpo", GRPORunConfig, "GRPO: group-normalised advantages, KL loss term")
+REINFORCE_PP = _algorithm(
+    "reinforce++", ReinforcePPRunConfig, "REINFORCE++: globally whitened discounted returns"
+)
