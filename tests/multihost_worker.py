@@ -95,10 +95,11 @@ def reduce_shard_inputs(mesh: Any, local_rows: slice | None = None) -> tuple[Any
 
 
 # --------------------------------------------------------------------------------------------
-# PPO: two iterations of the whole jitted PPO step on a (data=1, fsdp=2, tensor=2) mesh
+# PPO: two iterations of the whole jitted PPO step on a (data=2, fsdp=2, tensor=2) mesh
 # --------------------------------------------------------------------------------------------
 
-PPO_MESH_SIZES = {"data": 1, "fsdp": 2, "tensor": 2}
+PPO_MESH_SIZES = {"data": 2, "fsdp": 2, "tensor": 2}
+PPO_LOCAL_DEVICES = 4  # per process: 2 processes hold the 8 devices of the mesh
 PPO_ITERATIONS = 2
 
 
@@ -157,12 +158,17 @@ def ppo_scale_reward(reward_params: Any) -> Any:
     )(reward_params)
 
 
-def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
-    """`PPO_ITERATIONS` sharded PPO iterations on `mesh`; every process of a multi-process run
-    calls it and feeds only its own rows of the prompt batch. Returns the metrics of every
-    iteration (`"{i}/{name}"`) and global reductions of the final params (replicated)."""
+def ppo_iteration_key(i: int) -> Any:
+    """PRNG key of PPO iteration `i` (0-based)."""
     import jax
-    import jax.numpy as jnp
+
+    return jax.random.key(100 + i)
+
+
+def ppo_setup(mesh: Any) -> dict[str, Any]:
+    """Sharded params (born sharded, same seeds in every process), the initial state and this
+    process's rows of the prompt batch placed on `mesh`."""
+    import jax
 
     from rlhf_jax import ppo
     from rlhf_jax import sharding as sh
@@ -171,26 +177,49 @@ def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
     config, ppo_models = problem["config"], problem["ppo_models"]
     policy = sh.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
     reward = ppo_scale_reward(sh.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh))
-    state = ppo.jit_init_state(config, ppo_models, mesh)(policy, reward)
-    frozen = ppo.FrozenParams(ref=policy, reward=reward)
     rows = sh.local_batch_slice(mesh, config.batch_size)
-    prompts, mask = sh.place_batch((problem["prompts"][rows], problem["prompt_mask"][rows]), mesh)
-    iteration = ppo.jit_ppo_iteration(config, ppo_models, mesh)
-    out: dict[str, np.ndarray] = {}
-    for i in range(PPO_ITERATIONS):
-        state, metrics = iteration(state, frozen, prompts, mask, jax.random.key(100 + i))
-        out |= {f"{i}/{k}": np.asarray(v.addressable_data(0)) for k, v in metrics.items()}
+    return {
+        "state": ppo.jit_init_state(config, ppo_models, mesh)(policy, reward),
+        "frozen": ppo.FrozenParams(ref=policy, reward=reward),
+        "batch": sh.place_batch((problem["prompts"][rows], problem["prompt_mask"][rows]), mesh),
+        "rows": rows,
+    }
+
+
+def ppo_summaries(state: Any, mesh: Any) -> dict[str, np.ndarray]:
+    """Global reductions of a PPO state (computed sharded, returned replicated)."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax import sharding as sh
+
     sums = jax.jit(
         lambda s: {
             "policy_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.policy_params)),
             "value_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.value_params)),
-            "nu_sum": sum(jnp.sum(x) for x in jax.tree.leaves(s.policy_opt_state)),
+            "opt_state_sum": sum(jnp.sum(x) for x in jax.tree.leaves(s.policy_opt_state)),
         },
         out_shardings=sh.replicated(mesh),
     )(state)
-    out |= {k: np.asarray(v.addressable_data(0)) for k, v in sums.items()}
-    out["local_rows"] = np.asarray([rows.start, rows.stop])
-    out["prompts_spec"] = np.asarray(str(prompts.sharding.spec))
+    return {k: np.asarray(v.addressable_data(0)) for k, v in sums.items()}
+
+
+def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
+    """`PPO_ITERATIONS` sharded PPO iterations on `mesh`; every process of a multi-process run
+    calls it and feeds only its own rows of the prompt batch. Returns the metrics of every
+    iteration (`"{i}/{name}"`) and global reductions of the final state (`ppo_summaries`)."""
+    from rlhf_jax import ppo
+
+    problem = ppo_problem()
+    setup = ppo_setup(mesh)
+    iteration = ppo.jit_ppo_iteration(problem["config"], problem["ppo_models"], mesh)
+    state, out = setup["state"], {}
+    for i in range(PPO_ITERATIONS):
+        state, metrics = iteration(state, setup["frozen"], *setup["batch"], ppo_iteration_key(i))
+        out |= {f"{i}/{k}": np.asarray(v.addressable_data(0)) for k, v in metrics.items()}
+    out |= ppo_summaries(state, mesh)
+    out["local_rows"] = np.asarray([setup["rows"].start, setup["rows"].stop])
+    out["prompts_spec"] = np.asarray(str(setup["batch"][0].sharding.spec))
     q_kernel = state.policy_params["layers"]["attn"]["q"]["kernel"]
     out["q_spec"] = np.asarray(str(q_kernel.sharding.spec))
     return out

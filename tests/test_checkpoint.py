@@ -119,7 +119,8 @@ def run_checkpoint(tmp_path_factory):
         "models": {
             "policy": checkpoint.model_config_to_dict(policy_cfg),
             "value": checkpoint.model_config_to_dict(value_cfg),
-        }
+        },
+        "sources": {"reward": str(paths["reward"])},
     }
     ckpt.save(7, {"policy": policy, "value": value}, meta)
     ckpt.close()
@@ -169,6 +170,16 @@ def test_export_loads_in_transformers_with_the_same_logits(run_checkpoint, tmp_p
     ).exists()
     assert cli.main(["export", str(tmp_path), str(tmp_path / "q")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+    # --reward copies the run's frozen reward model.
+    assert cli.main(["export", str(run), str(tmp_path / "r"), "--no-value", "--reward"]) == 0
+    source = run.parent / "models" / "reward"
+    for name in ("model.safetensors",):
+        from safetensors.numpy import load_file
+
+        want, got = load_file(source / name), load_file(tmp_path / "r" / "reward" / name)
+        assert want.keys() == got.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_generate_reads_a_checkpoint_like_its_export(run_checkpoint, tmp_path, capsys):

@@ -4,6 +4,7 @@ decoding, `plot` writes PNGs, and `demo` still calls `run_demo`."""
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,35 @@ def test_plot_command(tmp_path, capsys):
     assert all(f.read_bytes()[:4] == b"\x89PNG" for f in files)
     code, _, err = _run(["plot", str(tmp_path / "empty")], capsys)
     assert code == 2 and "nothing to plot" in err
+
+
+def test_run_logger_files_lines_and_resume_truncation(tmp_path, capsys, monkeypatch):
+    from rlhf_jax.config import LoggingConfig
+    from rlhf_jax.logging import RunLogger, read_jsonl
+
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # "not installed"
+    cfg = LoggingConfig(log_every=2, wandb=True, progress_bar=True)
+    logger = RunLogger(tmp_path, cfg, total_iterations=4, run_config={"seed": 0})
+    for it in (1, 2, 3):
+        logger.log(
+            it,
+            {"objective/scores": it / 10, "objective/kl": 0.5},
+            timings={"iteration_seconds": 0.25},
+        )
+        logger.samples(it, [{"prompt": "p" * 100 + " end", "completion": "c " * 50, "score": 1.5}])
+    logger.close()
+    err = capsys.readouterr().err
+    assert "wandb is not installed" in err
+    assert "it 2/4 | score 0.2 | kl 0.5 | 0.25s/it" in err and "it 1/4" not in err
+    assert re.search(r"\n…p{35} end \| (c ){29}c… \| 1\.5", err) and "samples at iteration 3" in err
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert "perf/iteration_seconds" not in (tmp_path / "metrics.jsonl").read_text()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    resumed = RunLogger(tmp_path, LoggingConfig(), total_iterations=4, start_iteration=2)
+    resumed.close()
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+    assert [r["iteration"] for r in read_jsonl(tmp_path / "samples.jsonl")] == [1, 2]
+    quiet = RunLogger(tmp_path / "other", cfg, total_iterations=4, enabled=False)
+    quiet.log(1, {"objective/scores": 1.0})
+    quiet.close()
+    assert not (tmp_path / "other").exists()

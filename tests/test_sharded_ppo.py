@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,33 +77,29 @@ def reference():
 def mesh_run(name):
     """Forward, greedy generate and one PPO iteration on mesh `name`, each compiled once.
 
-    On 2x2x2 the params are born sharded (`sharded_init_params`) and the state comes from
-    `jit_init_state`; elsewhere the reference's host values are placed with `device_put`.
+    On 2x2x2 the params are born sharded and the state comes from `jit_init_state`
+    (`multihost_worker.ppo_setup`, as in the 2-process run); elsewhere the reference's host
+    values are placed with `device_put`.
     """
     ref = reference()
     mesh = sh.make_mesh(MESHES[name])
     shardings = ppo.ppo_shardings(CONFIG, PPO_MODELS, mesh)
     if name == "2x2x2":
-        policy = sh.sharded_init_params(POLICY, jax.random.key(0), mesh)
-        reward = sh.sharded_init_params(REWARD, jax.random.key(1), mesh)
-        reward = multihost_worker.ppo_scale_reward(reward)
-        state0 = ppo.jit_init_state(CONFIG, PPO_MODELS, mesh)(policy, reward)
+        setup = multihost_worker.ppo_setup(mesh)
+        state0, frozen = setup["state"], setup["frozen"]
     else:
-        policy = jax.device_put(ref["policy"], shardings.frozen.ref)
-        reward = jax.device_put(ref["reward"], shardings.frozen.reward)
+        frozen = jax.device_put(ppo.FrozenParams(ref["policy"], ref["reward"]), shardings.frozen)
         state0 = jax.device_put(ref["state0"], shardings.state)
-    born = {"policy": host(policy), "reward": host(reward), "state0": host(state0)}
+    born = {"policy": host(frozen.ref), "reward": host(frozen.reward), "state0": host(state0)}
     prompts, mask = sh.place_batch((PROMPTS, PROMPT_MASK), mesh)
-    logits = sh.jit_forward(POLICY, mesh)(policy, prompts, mask)
-    gen = sh.jit_generate(POLICY, GREEDY, mesh)(policy, prompts, mask, jax.random.key(3))
+    logits = sh.jit_forward(POLICY, mesh)(frozen.ref, prompts, mask)
+    gen = sh.jit_generate(POLICY, GREEDY, mesh)(frozen.ref, prompts, mask, jax.random.key(3))
     iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, mesh)
-    frozen = ppo.FrozenParams(ref=policy, reward=reward)
-    state, metrics = iteration(state0, frozen, prompts, mask, ITERATION_KEY)
+    state, metrics = iteration(state0, frozen, prompts, mask, multihost_worker.ppo_iteration_key(0))
     return {
         "mesh": mesh,
         "shardings": shardings,
         "born": born,
-        "policy": policy,
         "logits": logits,
         "gen": gen,
         "state": state,
@@ -111,6 +108,22 @@ def mesh_run(name):
         "frozen": frozen,
         "batch": (prompts, mask),
     }
+
+
+@functools.cache
+def two_iterations_on_2x2x2():
+    """`multihost_worker.ppo_run`'s output computed in this process: the cached first iteration
+    on 2x2x2 and a second one through the same compiled step."""
+    run = mesh_run("2x2x2")
+    iteration = run["iteration"]
+    state = jax.tree.map(lambda x: x.copy(), run["state"])  # keep the cached result intact
+    key = multihost_worker.ppo_iteration_key(1)
+    state, metrics = iteration(state, run["frozen"], *run["batch"], key)
+    assert multihost_worker.PPO_ITERATIONS == 2
+    out = {f"0/{k}": np.asarray(v) for k, v in run["metrics"].items()}
+    out |= {f"1/{k}": np.asarray(v) for k, v in metrics.items()}
+    out |= multihost_worker.ppo_summaries(state, run["mesh"])
+    return out, iteration.jitted._cache_size(), state
 
 
 # ------------------------------------------------------------------------------ expected specs
@@ -166,7 +179,7 @@ def test_params_and_optimizer_states_are_sharded_by_the_rules(name):
     mesh, state = run["mesh"], run["state"]
     policy_specs = expected_param_specs(POLICY, mesh)
     value_specs = expected_param_specs(REWARD, mesh)
-    assert actual_specs(run["policy"]) == policy_specs
+    assert actual_specs(run["frozen"].ref) == policy_specs
     assert actual_specs(run["frozen"].reward) == value_specs
     # The state coming out of the iteration keeps the shardings (donation reuses the buffers).
     assert actual_specs(state.policy_params) == policy_specs
@@ -211,16 +224,8 @@ def test_greedy_generate_matches_single_device(name):
 def test_ppo_iteration_matches_single_device(name):
     run, ref = mesh_run(name), reference()
     # The inputs are the reference's (born sharded on 2x2x2: same values, threefry).
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
-        run["born"]["policy"],
-        ref["policy"],
-    )
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
-        run["born"]["state0"],
-        ref["state0"],
-    )
+    for name_ in ("policy", "reward", "state0"):
+        chex.assert_trees_all_close(run["born"][name_], ref[name_], atol=1e-7)
     state, metrics = host(run["state"]), host(run["metrics"])
     assert metrics.keys() == ref["metrics"].keys()
     for key in ref["metrics"]:
@@ -236,13 +241,10 @@ def test_ppo_iteration_matches_single_device(name):
 
 
 def test_second_iteration_reuses_the_compiled_step():
-    run = mesh_run("2x2x2")
-    iteration = run["iteration"]
-    state = jax.tree.map(lambda x: x.copy(), run["state"])  # keep the cached result intact
-    state, metrics = iteration(state, run["frozen"], *run["batch"], jax.random.key(101))
-    assert iteration.jitted._cache_size() == 1
-    assert int(state.iteration) == 2
-    assert all(np.isfinite(np.asarray(v)).all() for v in metrics.values())
+    out, cache_size, state = two_iterations_on_2x2x2()
+    assert cache_size == 1  # the returned state is a valid input: same shardings, no retrace
+    assert int(state.iteration) == 2 and int(state.episode) == 2 * CONFIG.batch_size
+    assert all(np.isfinite(v).all() for v in out.values())
 
 
 def test_advantage_whitening_is_over_the_global_batch():
@@ -297,7 +299,7 @@ def test_local_batch_slice():
         sh.local_batch_slice(mesh, 6)
 
 
-MULTIPROCESS_TEST = "test_two_processes_match_one_process_on_four_devices"
+MULTIPROCESS_TEST = "test_two_processes_match_one_process"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -311,33 +313,30 @@ def ppo_workers(request, tmp_path_factory):
     if not selected:
         yield None
         return
-    workers = multihost_worker.launch("ppo", tmp_path_factory.mktemp("ppo_workers"))
+    workers = multihost_worker.launch(
+        "ppo",
+        tmp_path_factory.mktemp("ppo_workers"),
+        num_processes=2,
+        local_devices=multihost_worker.PPO_LOCAL_DEVICES,
+    )
     yield workers
     workers.kill()
 
 
-def test_two_processes_match_one_process_on_four_devices(ppo_workers):
-    """2 processes x 2 CPU devices (gloo), each feeding its half of the prompts, run 2 PPO
-    iterations; the metrics equal this process's run on 4 of its devices, whose first iteration
-    equals the single-device reference."""
+def test_two_processes_match_one_process(ppo_workers):
+    """2 processes x 4 CPU devices (gloo) on a 2x2x2 mesh, each feeding its half of the
+    prompts, run 2 PPO iterations; metrics and final state equal this process's 2x2x2 run
+    (whose first iteration equals the single-device reference, tested above)."""
     try:
-        mesh = sh.make_mesh(
-            sh.MeshConfig(**multihost_worker.PPO_MESH_SIZES), devices=jax.devices()[:4]
-        )
-        expected = multihost_worker.ppo_run(mesh)
+        expected, _, _ = two_iterations_on_2x2x2()
     finally:
         results = multihost_worker.wait_or_fail(ppo_workers, timeout=600.0)
     assert results[1] is None, "only process 0 writes its result"
     got = results[0]
-    assert int(got["process_count"]) == 2 and int(got["global_devices"]) == 4
+    assert int(got["process_count"]) == 2 and int(got["global_devices"]) == 8
     assert list(got["local_rows"]) == [0, CONFIG.batch_size // 2]
-    assert list(expected["local_rows"]) == [0, CONFIG.batch_size]
-    batch_spec = str(P(("data", "fsdp"), None))
-    assert str(got["prompts_spec"]) == str(expected["prompts_spec"]) == batch_spec
+    assert str(got["prompts_spec"]) == str(P(("data", "fsdp"), None))
     assert str(got["q_spec"]) == str(P(None, "fsdp", "tensor"))
-    metric_keys = [k for k in expected if "/" in k]
-    assert len(metric_keys) == multihost_worker.PPO_ITERATIONS * len(reference()["metrics"])
-    for key in [*metric_keys, "policy_sq_sum", "value_sq_sum", "nu_sum"]:
-        np.testing.assert_allclose(got[key], expected[key], **TOL, err_msg=key)
-    for key, want in reference()["metrics"].items():
-        np.testing.assert_allclose(expected[f"0/{key}"], want, **TOL, err_msg=key)
+    assert len(expected) == multihost_worker.PPO_ITERATIONS * len(reference()["metrics"]) + 3
+    for key, want in expected.items():
+        np.testing.assert_allclose(got[key], want, **TOL, err_msg=key)

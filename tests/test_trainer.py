@@ -17,6 +17,7 @@ import math
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import numpy as np
 import pytest
 from tokenizer_utils import save_tiny_models
 
-from rlhf_jax import checkpoint, config, logging, trainer
+from rlhf_jax import checkpoint, cli, config, logging, trainer
 
 DATA = Path(__file__).parent / "data"
 CONFIG = DATA / "tiny_ppo.yaml"
@@ -77,7 +78,9 @@ def straight(inputs, cache_dir, tmp_path_factory):
     return cfg, result
 
 
-def test_run_writes_everything_and_resume_is_bit_identical(straight, inputs, cache_dir, tmp_path):
+def test_run_writes_everything_and_resume_is_bit_identical(
+    straight, inputs, cache_dir, tmp_path, capsys
+):
     cfg, result = straight
     run_dir = Path(cfg.run_dir).absolute()
     assert (result.status, result.iteration) == ("stopped", 4)
@@ -116,9 +119,29 @@ def test_run_writes_everything_and_resume_is_bit_identical(straight, inputs, cac
         want, _ = checkpoint.restore_params(run_dir, item)
         got, _ = checkpoint.restore_params(split, item)
         jax.tree.map(np.testing.assert_array_equal, got, want)
-    # Resuming a run that already reached stop_after does nothing.
-    again = trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=4"), resume=True)
+    assert "warning" not in capsys.readouterr().err
+    # Resuming a run that already reached stop_after does nothing; a changed config is reported.
+    changed = load(inputs, split, cache_dir, "stop_after=4", "seed=5", "ppo.kl_coef=0.1")
+    again = trainer.train_ppo(changed, resume=True)
     assert (again.status, again.iteration, again.metrics) == ("stopped", 4, {})
+    assert "differs from the run's in ppo.kl_coef, seed;" in capsys.readouterr().err
+
+
+def test_non_finite_scores_stop_before_saving(inputs, cache_dir, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    poisoned = tmp_path / "poisoned_reward"
+    shutil.copytree(inputs["reward"], poisoned)
+    tensors = load_file(poisoned / "model.safetensors")
+    tensors["score.weight"][0, :] = np.nan
+    save_file(tensors, poisoned / "model.safetensors", metadata={"format": "pt"})
+    run_dir = tmp_path / "nan"
+    argv = ["train", "ppo", "--config", str(CONFIG), *overrides(inputs, run_dir, cache_dir)]
+    assert cli.main([*argv, f"models.reward={poisoned}"]) == 1
+    err = capsys.readouterr().err
+    assert "iteration 1: non-finite values (" in err and "nonfinite/scores=8," in err
+    assert checkpoint.Checkpointer(run_dir).all_steps() == []
+    assert not (run_dir / "metrics.jsonl").read_text()
 
 
 # ------------------------------------------------------------------------- kill -9 and SIGTERM
