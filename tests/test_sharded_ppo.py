@@ -37,7 +37,7 @@ CONFIG, PPO_MODELS = PROBLEM["config"], PROBLEM["ppo_models"]
 POLICY, REWARD = PPO_MODELS.policy, PPO_MODELS.reward
 PROMPTS, PROMPT_MASK = PROBLEM["prompts"], PROBLEM["prompt_mask"]
 GREEDY = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(2,))
-ITERATION_KEY = jax.random.key(100)  # multihost_worker.ppo_run's first iteration
+
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
@@ -61,7 +61,8 @@ def reference():
     state0_host = host(state0)
     iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS)
     frozen = ppo.FrozenParams(ref=policy, reward=reward)
-    state, metrics = iteration(state0, frozen, PROMPTS, PROMPT_MASK, ITERATION_KEY)
+    key = multihost_worker.ppo_iteration_key(0)
+    state, metrics = iteration(state0, frozen, PROMPTS, PROMPT_MASK, key)
     return {
         "policy": host(policy),
         "reward": host(reward),
