@@ -233,23 +233,39 @@ def load_run_tokenizer(checkpoint_dir: str | Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, *, value: bool = True) -> dict[str, Path]:
+def export(
+    checkpoint: str | Path, out_dir: str | Path, *, value: bool = True, reward: bool = False
+) -> dict[str, Path]:
     """Writes a checkpoint's models in Hugging Face format with the run's tokenizer.
 
     The policy goes to `out_dir` itself (so `AutoModelForCausalLM.from_pretrained(out_dir)` and
-    `rlhf-jax generate --model out_dir` work) and, with `value`, the value model to
-    `out_dir/value` (an `*ForSequenceClassification` checkpoint). Returns the written paths.
+    `rlhf-jax generate --model out_dir` work); with `value`, the value model to `out_dir/value`
+    and with `reward` the (frozen) reward model the run used to `out_dir/reward` (both
+    `*ForSequenceClassification` checkpoints). Returns the written paths.
+
+    Raises:
+      CheckpointError: no complete checkpoint there, or the reward model's source directory
+        (recorded in the checkpoint) is gone.
     """
     checkpoint_dir = resolve_checkpoint(checkpoint)
     tokenizer = load_run_tokenizer(checkpoint_dir)
+    meta = read_meta(checkpoint_dir)
     out = Path(out_dir)
     written = {}
     params, config = restore_params(checkpoint_dir, "policy")
     models.save(params, config, out, tokenizer=tokenizer)
     written["policy"] = out
-    meta = read_meta(checkpoint_dir)
     if value and "value" in meta.get("models", {}):
         params, config = restore_params(checkpoint_dir, "value")
         models.save(params, config, out / "value", tokenizer=tokenizer)
         written["value"] = out / "value"
+    if reward:
+        source = meta.get("sources", {}).get("reward")
+        if source is None or not (Path(source) / "config.json").exists():
+            raise CheckpointError(
+                f"the run's reward model ({source or 'none recorded'}) is not available to export"
+            )
+        params, config = models.load(source)
+        models.save(params, config, out / "reward", tokenizer=tokenizer)
+        written["reward"] = out / "reward"
     return written

@@ -1,7 +1,7 @@
 """Command-line entry point `rlhf-jax`.
 
     rlhf-jax train ppo --config configs/x.yaml [--resume] [key.sub=value ...]
-    rlhf-jax export RUN/checkpoints/N OUT [--no-value]
+    rlhf-jax export RUN/checkpoints/N OUT [--no-value] [--reward]
     rlhf-jax generate --model PATH --prompt TEXT [--prompt TEXT ...] [--greedy] [--json]
     rlhf-jax plot RUN
     rlhf-jax demo [--out DIR] [--seed N]
@@ -77,7 +77,9 @@ def _export(args: argparse.Namespace) -> int:
     from rlhf_jax import checkpoint
 
     try:
-        written = checkpoint.export(args.checkpoint, args.out, value=not args.no_value)
+        written = checkpoint.export(
+            args.checkpoint, args.out, value=not args.no_value, reward=args.reward
+        )
     except _known_errors() as err:
         return _error(str(err))
     for name, path in written.items():
@@ -168,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="RUN/checkpoints/<iteration> (or RUN: the newest)")
     export.add_argument("out", help="output directory (policy; the value model in OUT/value)")
     export.add_argument("--no-value", action="store_true", help="skip the value model")
+    export.add_argument(
+        "--reward", action="store_true", help="also write the run's reward model to OUT/reward"
+    )
     export.set_defaults(func=_export)
 
     gen = sub.add_parser("generate", help="complete prompts with a policy")

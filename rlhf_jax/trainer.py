@@ -1,13 +1,13 @@
 """The PPO training loop: `rlhf-jax train ppo` as a function, `train_ppo(config)`.
 
 Each iteration takes the next batch of prompts from the dataset and runs the pure functions of
-`rlhf_jax.ppo` on a device mesh:
-
-- reward model: one jitted step, `make_experience` + `finish_iteration` (the body of
-  `ppo.ppo_iteration`, also returning the responses and scores for the sample tables);
-- reward function (`models.reward_function`): jitted `ppo.rollout` -> decode on the host ->
-  `scores = reward_fn(prompts, completions, prompt_tokens, completion_tokens)` -> jitted
-  `ppo.build_experience` + `ppo.finish_iteration`.
+`rlhf_jax.ppo` on a device mesh, as three jitted pieces that together compute exactly
+`ppo.ppo_iteration`: `ppo.rollout` (generate; reference log-probs; values) -> scores ->
+`ppo.build_experience` + `ppo.finish_iteration` (rewards, GAE, the PPO update). The scores come
+from the reward model (`ppo.reward_scores`, jitted, on device) or from a host reward function
+(`models.reward_function`): the rollout is decoded and
+`scores = reward_fn(prompts, completions, prompt_tokens, completion_tokens)`. Both kinds of
+reward share the compiled rollout and update, and the rollout is at hand for sample tables.
 
 Everything that can be checked without compute is checked first (paths, heads, tokenizer/model
 vocabularies, the mesh against the batch size, the dataset). The train state (policy and value
@@ -193,22 +193,13 @@ def _load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: boo
 # ----------------------------------------------------------------------------------- programs
 
 
-class Samples(NamedTuple):
-    """Responses `[B, T]`, their mask and scores `[B]`, for sample tables."""
-
-    responses: jax.Array
-    mask: jax.Array
-    scores: jax.Array
-
-
 class _Programs(NamedTuple):
     state_shardings: ppo.PPOState
-    frozen_shardings: ppo.FrozenParams
     abstract_state: ppo.PPOState
     init: Callable[..., ppo.PPOState]
-    step: Callable[..., Any] | None
-    rollout: Callable[..., Any] | None
-    finish: Callable[..., Any] | None
+    rollout: Callable[..., ppo.Rollout]
+    score: Callable[..., jax.Array]
+    finish: Callable[..., tuple[ppo.PPOState, dict[str, jax.Array]]]
 
 
 def _param_shardings(config: models.ModelConfig, mesh) -> Params:
@@ -217,10 +208,16 @@ def _param_shardings(config: models.ModelConfig, mesh) -> Params:
 
 
 @functools.cache
-def _programs(
-    ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh, host_reward: bool
-) -> _Programs:
-    """The jitted functions of a run (cached: runs with the same configs and mesh share them)."""
+def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Programs:
+    """The jitted pieces of an iteration (cached: runs with the same configs and mesh share
+    them, whatever their reward). Together they compute exactly `ppo.ppo_iteration`:
+
+        rollout_key, update_key = split(key)
+        roll = rollout(state, ref, prompts, mask, rollout_key)        # ppo.rollout
+        scores = score(reward, roll)  or  a host reward function       # ppo.reward_scores
+        state, metrics = finish(state, roll, scores, update_key)       # build_experience +
+                                                                       # finish_iteration
+    """
     rep = sharding.replicated(mesh)
     policy = _param_shardings(ppo_models.policy, mesh)
     value = _param_shardings(ppo_models.value, mesh)
@@ -242,28 +239,17 @@ def _programs(
         iteration=rep,
         episode=rep,
     )
-    frozen_sh = ppo.FrozenParams(
-        ref=policy, reward=None if host_reward else _param_shardings(ppo_models.reward, mesh)
-    )
-    batch2, batch1 = sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)
-    init = jax.jit(init_fn, out_shardings=state_sh)
     kwargs = dict(config=ppo_config, ppo_models=ppo_models)
-    if not host_reward:
 
-        def step(state, frozen, prompts, mask, key):
-            rollout_key, update_key = jax.random.split(key)
-            exp, exp_metrics = ppo.make_experience(
-                state, frozen, prompts, mask, rollout_key, **kwargs
-            )
-            state, metrics = ppo.finish_iteration(state, exp, exp_metrics, update_key, **kwargs)
-            return state, metrics, Samples(exp.responses, exp.mask, exp.scores)
-
-        out = (state_sh, rep, Samples(batch2, batch2, batch1))
-        jitted = jax.jit(step, out_shardings=out, donate_argnums=(0,))
-        return _Programs(state_sh, frozen_sh, abstract, init, jitted, None, None)
-
-    def rollout(state, frozen, prompts, mask, key):
+    def rollout(state, ref, prompts, mask, key):
+        frozen = ppo.FrozenParams(ref=ref, reward=None)
         return ppo.rollout(state, frozen, prompts, mask, key, **kwargs)
+
+    def score(reward, roll):
+        gen = roll.generation
+        return ppo.reward_scores(
+            reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
+        )
 
     def finish(state, roll, scores, key):
         exp, exp_metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=ppo_config)
@@ -271,11 +257,10 @@ def _programs(
 
     return _Programs(
         state_sh,
-        frozen_sh,
         abstract,
-        init,
-        None,
+        jax.jit(init_fn, out_shardings=state_sh),
         jax.jit(rollout),
+        jax.jit(score),
         jax.jit(finish, out_shardings=(state_sh, rep), donate_argnums=(0,)),
     )
 
@@ -370,6 +355,11 @@ def prepare_ppo(
         )
     except ValueError as err:
         raise SetupError(f"models: {err}") from err
+    if config.ppo.ptx_coef:
+        raise SetupError(
+            f"ppo.ptx_coef={config.ppo.ptx_coef}: the trainer has no pretraining-data section for "
+            "PPO-ptx yet; set ppo.ptx_coef=0 (or call ppo.update with a PtxBatch yourself)"
+        )
     pad_id = int(tokenizer.pad_token_id)
     if config.ppo.pad_token_id not in (0, pad_id):
         raise SetupError(
@@ -496,14 +486,14 @@ def _train(setup: _Setup) -> TrainResult:
     main = sharding.is_main_process()
     if config.compilation_cache:
         enable_compilation_cache(config.compilation_cache)
+    changed = _changed_since_last_run(config, run_dir) if setup.resume_step is not None else []
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_config(config, run_dir / "config.yaml")
         tok.save_pretrained(str(run_dir / ckpt.TOKENIZER_DIR))
     mesh = sharding.make_mesh(config.mesh, setup.devices)
-    host_reward = setup.reward_fn is not None
     pm, pc = setup.ppo_models, setup.ppo_config
-    programs = _programs(pc, pm, mesh, host_reward)
+    programs = _programs(pc, pm, mesh)
     mc = config.models
 
     with sharding.with_rules(mesh):
@@ -521,7 +511,6 @@ def _train(setup: _Setup) -> TrainResult:
                 models.logical_axes(pm.value),
                 mesh,
             )
-        frozen = ppo.FrozenParams(ref=policy, reward=reward)
         key = jax.random.key(config.seed)
         position = data.DataPosition()
         if setup.resume_step is not None:
@@ -548,6 +537,12 @@ def _train(setup: _Setup) -> TrainResult:
         + (f" ({ds.num_dropped} longer than max_prompt_length dropped)" if ds.num_dropped else "")
         + (f"; resumed at iteration {start}" if setup.resume_step is not None else "")
     )
+    if changed:
+        logger.message(
+            "warning: resuming with a config that differs from the run's in "
+            + ", ".join(changed)
+            + "; the continuation will not match an uninterrupted run"
+        )
     rows_per_process = pc.batch_size // jax.process_count()
     local = slice(
         jax.process_index() * rows_per_process, (jax.process_index() + 1) * rows_per_process
@@ -566,26 +561,17 @@ def _train(setup: _Setup) -> TrainResult:
                     (ds.tokens[rows][local], ds.mask[rows][local]), mesh
                 )
                 key, iteration_key = jax.random.split(key)
+                rollout_key, update_key = jax.random.split(iteration_key)
                 with sharding.with_rules(mesh):
-                    if host_reward:
-                        state, metrics, samples = _host_iteration(
-                            setup,
-                            programs,
-                            state,
-                            frozen,
-                            prompts,
-                            mask,
-                            iteration_key,
-                            rows,
-                            iteration + 1,
-                            mesh,
-                            local,
-                        )
+                    roll = programs.rollout(state, policy, prompts, mask, rollout_key)
+                    if reward is not None:
+                        scores, reward_metrics = programs.score(reward, roll), {}
                     else:
-                        state, device_metrics, samples = programs.step(
-                            state, frozen, prompts, mask, iteration_key
-                        )
-                        metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
+                        scores, reward_metrics = _host_scores(setup, roll, rows, iteration + 1)
+                        scores = sharding.place_batch(scores[local], mesh)
+                    state, device_metrics = programs.finish(state, roll, scores, update_key)
+                    metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
+                metrics.update(reward_metrics)
                 iteration += 1
                 ppo.check_finite(metrics, iteration)
                 position = next_position
@@ -598,7 +584,7 @@ def _train(setup: _Setup) -> TrainResult:
                 )
                 every = config.logging.sample_every
                 if every and (iteration % every == 0 or iteration == end):
-                    logger.samples(iteration, _sample_rows(setup, rows, samples))
+                    logger.samples(iteration, _sample_rows(setup, rows, roll, scores))
                 stopping = stop.requested()
                 due = config.checkpoint.every and iteration % config.checkpoint.every == 0
                 if due or stopping or iteration == end:
@@ -626,21 +612,27 @@ def _train(setup: _Setup) -> TrainResult:
     )
 
 
-def _host_iteration(
-    setup: _Setup,
-    programs: _Programs,
-    state,
-    frozen,
-    prompts,
-    mask,
-    key,
-    rows,
-    iteration,
-    mesh,
-    local,
-):
-    rollout_key, update_key = jax.random.split(key)
-    roll = programs.rollout(state, frozen, prompts, mask, rollout_key)
+_RESUME_FREE = ("run_dir", "stop_after", "compilation_cache", "logging.", "checkpoint.")
+
+
+def _changed_since_last_run(config: cfg.PPORunConfig, run_dir: Path) -> list[str]:
+    """Keys (other than logging/checkpointing/stop_after) that differ from the config the run
+    was started with."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return []
+    try:
+        previous = cfg.load_config(type(config), saved)
+    except cfg.ConfigError:
+        return ["<unreadable config.yaml>"]
+    return cfg.diff_configs(previous, config, ignore=_RESUME_FREE)
+
+
+def _host_scores(
+    setup: _Setup, roll: ppo.Rollout, rows: np.ndarray, iteration: int
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Decodes the rollout and calls the host reward function: float32 `[B]` scores (global
+    batch) and the reward function's metrics."""
     gen = _to_host(roll.generation)
     tokens, response_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
     ds, tok = setup.dataset, setup.tokenizer
@@ -649,29 +641,27 @@ def _host_iteration(
     completions = tok.batch_decode(completion_tokens, skip_special_tokens=True)
     columns = {name: [ds.columns[name][r] for r in rows] for name in ds.columns}
     try:
-        scores, reward_metrics = setup.reward_fn(
+        scores, metrics = setup.reward_fn(
             [ds.texts[r] for r in rows], completions, prompt_tokens, completion_tokens, columns
         )
     except ValueError as err:
         raise type(err)(f"iteration {iteration}: {err}") from err
-    scores = np.asarray(scores, np.float32)
-    placed = sharding.place_batch(scores[local], mesh)
-    state, device_metrics = programs.finish(state, roll, placed, update_key)
-    metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
-    metrics.update(reward_metrics)
-    return state, metrics, Samples(tokens, response_mask, scores)
+    return np.asarray(scores, np.float32), metrics
 
 
-def _sample_rows(setup: _Setup, rows: np.ndarray, samples: Samples) -> list[dict[str, Any]]:
+def _sample_rows(
+    setup: _Setup, rows: np.ndarray, roll: ppo.Rollout, scores: Any
+) -> list[dict[str, Any]]:
     n = setup.config.logging.num_samples
-    host = _to_host(samples)
-    responses, mask = np.asarray(host.responses)[:n], np.asarray(host.mask, bool)[:n]
+    gen = _to_host(roll.generation)
+    responses, mask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask, bool)[:n]
     texts = setup.tokenizer.batch_decode(
         [r[m].tolist() for r, m in zip(responses, mask)], skip_special_tokens=True
     )
+    scores = np.asarray(_to_host(scores))[:n]
     return [
         {"prompt": setup.dataset.texts[r], "completion": t, "score": float(s)}
-        for r, t, s in zip(rows[:n], texts, np.asarray(host.scores)[:n])
+        for r, t, s in zip(rows[:n], texts, scores)
     ]
 
 
@@ -703,6 +693,7 @@ def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, position, iteratio
             "value": ckpt.model_config_to_dict(setup.ppo_models.value),
         },
         "num_prompts": len(setup.dataset),
+        "sources": {name: str(path) for name, path in setup.paths.items()},
     }
     setup.checkpointer.save(iteration, _items(state, jax.random.key_data(key)), meta)
 
