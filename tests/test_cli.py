@@ -31,6 +31,8 @@ def test_example_configs_load_and_fit_their_meshes(name):
     assert cfg.ppo.batch_size % (data_size * fsdp) == 0
     assert cfg.ppo.micro_batch_size % (data_size * fsdp) == 0
     assert cfg.models.reward and cfg.models.value is None  # value model from the reward model
+    reloaded = config.load_config(config.PPORunConfig, values=yaml.safe_load(config.to_yaml(cfg)))
+    assert reloaded == cfg  # what `train --print-config` prints and config.yaml holds
     if name == "ppo_tldr_pythia1b":  # TRL's reference setup
         ppo = cfg.ppo
         assert (ppo.response_length, ppo.temperature, ppo.missing_eos_penalty) == (53, 0.7, 1.0)
