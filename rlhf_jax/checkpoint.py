@@ -16,10 +16,10 @@ the next save. Saves can run asynchronously: device arrays are copied to the hos
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import sys
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,24 +34,31 @@ CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
 META = "meta"
 HANG_ENV = "RLHF_JAX_HANG_IN_SAVE"
-"""Test hook: when set to an iteration number, the save of that iteration blocks (after its
-temporary directory exists, before it is committed) so a test can kill the process there."""
+"""Test hook: when set to an iteration number, the save of that iteration never commits (its
+temporary directory exists and is being written; a later save waits for it forever), so a test
+can kill the process in the middle of a save."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+async def _hang(iteration: str) -> None:
+    print(f"rlhf_jax: {HANG_ENV}: hanging inside the save of {iteration}", file=sys.stderr)
+    sys.stderr.flush()
+    await asyncio.sleep(3600)
+
+
 class _MetaHandler(ocp.handlers.JsonCheckpointHandler):
-    """JSON metadata item; honours the `HANG_ENV` test hook."""
+    """JSON metadata item; honours the `HANG_ENV` test hook by adding a commit operation that
+    never finishes (it starts once the temporary directories exist)."""
 
     async def async_save(self, directory, item=None, args=None):
         futures = await super().async_save(directory, item, args)
         hang = os.environ.get(HANG_ENV)
         if hang and args is not None and str(args.item.get("iteration")) == hang:
-            print(f"rlhf_jax: {HANG_ENV}: hanging inside the save of {hang}", file=sys.stderr)
-            sys.stderr.flush()
-            time.sleep(3600)
+            blocker = ocp.future.CommitFutureAwaitingContractedSignals(_hang(hang), name="hang")
+            futures = [*(futures or []), blocker]
         return futures
 
 

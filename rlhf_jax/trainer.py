@@ -183,11 +183,11 @@ def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Param
 
 
 def _load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
-    """Weights of `path` converted to `config.param_dtype` and placed with the mesh shardings."""
-    params, _ = models.load(path, dtype=config.param_dtype, allow_pickle=allow_pickle)
-    host = jax.device_get(params)
-    del params
-    return sharding.shard_params(host, models.logical_axes(config), mesh)
+    """Weights of `path` in `config.param_dtype`, loaded shard by shard onto the mesh."""
+    params, _ = sharding.load_sharded(
+        path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle
+    )
+    return params
 
 
 # ----------------------------------------------------------------------------------- programs
