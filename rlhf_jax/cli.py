@@ -23,20 +23,21 @@ def _error(message: str, code: int = 2) -> int:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """Errors whose message is the whole story (printed without a traceback)."""
+    """Input errors whose message is the whole story (printed without a traceback, status 2)."""
     from rlhf_jax.checkpoint import CheckpointError
     from rlhf_jax.config import ConfigError
     from rlhf_jax.data import DataError
     from rlhf_jax.trainer import SetupError
 
-    errors: list[type[BaseException]] = [ConfigError, SetupError, DataError, CheckpointError]
-    try:
-        from rlhf_jax.reward_functions import RewardFunctionError
+    return (ConfigError, SetupError, DataError, CheckpointError)
 
-        errors.append(RewardFunctionError)
-    except ImportError:
-        pass
-    return tuple(errors)
+
+def _run_errors() -> tuple[type[BaseException], ...]:
+    """Failures during training (status 1): NaN/inf, a failing reward function."""
+    from rlhf_jax.ppo import NonFiniteError
+    from rlhf_jax.reward_functions import RewardFunctionError
+
+    return (NonFiniteError, RewardFunctionError)
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -44,7 +45,6 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def _train(args: argparse.Namespace) -> int:
     from rlhf_jax import config, sharding
-    from rlhf_jax.ppo import NonFiniteError
 
     sharding.initialize_distributed()
     algorithm = config.algorithms()[args.algorithm]
@@ -58,10 +58,10 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     try:
         result = algorithm.run_fn()(run_config, resume=args.resume)
+    except _run_errors() as err:  # RewardFunctionError is a ValueError: check it first
+        return _error(str(err), code=1)
     except _known_errors() as err:
         return _error(str(err))
-    except NonFiniteError as err:
-        return _error(str(err), code=1)
     if sharding.is_main_process() and result is not None:
         iteration = getattr(result, "iteration", None)
         status = getattr(result, "status", "done")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -416,6 +417,7 @@ def _resolve(spec: str) -> Any:
 
 
 _ALGORITHMS: dict[str, Algorithm] = {}
+_BROKEN: dict[str, str] = {}
 ENTRY_POINT_GROUP = "rlhf_jax.algorithms"
 
 
@@ -437,15 +439,26 @@ def register_algorithm(
 
 
 def algorithms() -> dict[str, Algorithm]:
-    """The registered algorithms (built-ins plus entry points), by name."""
+    """The registered algorithms (built-ins plus entry points), by name. An entry point that
+    fails to load is reported on stderr and skipped."""
     from importlib.metadata import entry_points
 
     for entry in entry_points(group=ENTRY_POINT_GROUP):
-        if entry.name not in _ALGORITHMS:
+        if entry.name in _ALGORITHMS or entry.name in _BROKEN:
+            continue
+        try:
             algorithm = entry.load()
             if not isinstance(algorithm, Algorithm):
-                raise TypeError(f"entry point {entry.name!r} must load to an Algorithm")
-            _ALGORITHMS[entry.name] = algorithm
+                raise TypeError(f"{entry.value} is a {type(algorithm).__name__}, not an Algorithm")
+        except Exception as err:  # one broken plugin must not take the whole CLI down
+            _BROKEN[entry.name] = f"{type(err).__name__}: {err}"
+            print(
+                f"rlhf-jax: warning: algorithm {entry.name!r} ({entry.value}) is unavailable: "
+                f"{_BROKEN[entry.name]}",
+                file=sys.stderr,
+            )
+            continue
+        _ALGORITHMS[entry.name] = algorithm
     return dict(_ALGORITHMS)
 
 

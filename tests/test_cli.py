@@ -123,6 +123,14 @@ def test_registry_dispatches_train_subcommands(capsys, monkeypatch):
     assert set(config.algorithms()) >= {"ppo", "echo"}
     with pytest.raises(SystemExit):
         cli.main(["train", "nonexistent"])
+    # A broken plugin is reported and skipped; the other commands keep working.
+    import importlib.metadata
+
+    broken = importlib.metadata.EntryPoint("broken", "no_such_module:X", config.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(config, "_BROKEN", {})
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [broken])
+    assert "broken" not in config.algorithms()
+    assert "algorithm 'broken' (no_such_module:X) is unavailable" in capsys.readouterr().err
 
 
 def test_demo_subcommand_calls_run_demo(monkeypatch):

@@ -189,6 +189,7 @@ def _wait_for(proc, lines: queue.Queue, pattern: str, timeout: float = 240.0) ->
             return seen
 
 
+@pytest.mark.slow  # two fresh processes importing jax, transformers and torch
 def test_sigkill_inside_a_save_then_resume_then_sigterm(straight, inputs, cache_dir, tmp_path):
     cfg, _ = straight
     run_dir = tmp_path / "killed"
