@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     compiled = {}
     compile_s = {}
     compiled["iteration"], compile_s["iteration"] = compile_timed(
-        iteration, state, frozen, prompts, prompt_mask, keys[0]
+        iteration, state, frozen, prompts, prompt_mask, keys[0], None
     )
 
     # The pieces, jitted separately (same functions the iteration composes).
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for i in range(n_iters):
             key = jax.random.fold_in(keys[1 + i % args.iters], key_offset)
             start = time.perf_counter()
-            state, metrics = compiled["iteration"](state, frozen, prompts, prompt_mask, key)
+            state, metrics = compiled["iteration"](state, frozen, prompts, prompt_mask, key, None)
             jax.block_until_ready((state, metrics))
             times["iteration"].append(time.perf_counter() - start)
             metrics_log.append({k: float(v) for k, v in metrics.items()})
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 times.setdefault(name, []).append(time.perf_counter() - start)
 
     # one untimed warm-up call of everything (first runs allocate)
-    state, _ = compiled["iteration"](state, frozen, prompts, prompt_mask, keys[0])
+    state, _ = compiled["iteration"](state, frozen, prompts, prompt_mask, keys[0], None)
     if phases:
         for name in pieces:
             jax.block_until_ready(compiled[name](*piece_args[name]))

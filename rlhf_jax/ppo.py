@@ -544,6 +544,9 @@ def _loss(
         chunk_size=config.logprob_chunk_size,
         with_entropy=True,
     )
+    if config.entropy_coef == 0:
+        # Only a metric then: no backward pass through the [B, T, V] entropy computation.
+        entropy = jax.lax.stop_gradient(entropy)
     pg_loss, pg_aux = ppo_policy_loss(
         logprobs,
         mb.old_logprobs,
@@ -624,26 +627,36 @@ def update(
             (loss, aux), micro_grads = grad_fn(
                 state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
             )
-            grads = jax.tree.map(lambda g, d: g + d / n_acc, grads, micro_grads)
-            return grads, {**aux, "loss/total": loss}
+            if grads is not None:
+                micro_grads = jax.tree.map(lambda g, d: g + d / n_acc, grads, micro_grads)
+            return micro_grads, {**aux, "loss/total": loss}
 
-        zeros = jax.tree.map(jnp.zeros_like, (state.policy_params, state.value_params))
-        (policy_grads, value_grads), aux = jax.lax.scan(micro_step, zeros, (idx_AU, ptx_mb))
-        aux = jax.tree.map(jnp.mean, aux)
+        if n_acc == 1:  # no accumulation buffers (a params-sized zero fill and add)
+            mb_inputs = jax.tree.map(lambda x: x[0], (idx_AU, ptx_mb))
+            (policy_grads, value_grads), aux = micro_step(None, mb_inputs)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, (state.policy_params, state.value_params))
+            (policy_grads, value_grads), aux = jax.lax.scan(micro_step, zeros, (idx_AU, ptx_mb))
+            aux = jax.tree.map(jnp.mean, aux)
         ok = _all_finite((policy_grads, value_grads)) & jnp.isfinite(aux["loss/total"])
-        policy_updates, policy_opt = policy_tx.update(
-            policy_grads, state.policy_opt_state, state.policy_params
-        )
-        value_updates, value_opt = value_tx.update(
-            value_grads, state.value_opt_state, state.value_params
-        )
-        new = state.replace(
-            policy_params=optax.apply_updates(state.policy_params, policy_updates),
-            value_params=optax.apply_updates(state.value_params, value_updates),
-            policy_opt_state=policy_opt,
-            value_opt_state=value_opt,
-        )
-        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+
+        def apply_updates(state: PPOState) -> PPOState:
+            policy_updates, policy_opt = policy_tx.update(
+                policy_grads, state.policy_opt_state, state.policy_params
+            )
+            value_updates, value_opt = value_tx.update(
+                value_grads, state.value_opt_state, state.value_params
+            )
+            return state.replace(
+                policy_params=optax.apply_updates(state.policy_params, policy_updates),
+                value_params=optax.apply_updates(state.value_params, value_updates),
+                policy_opt_state=policy_opt,
+                value_opt_state=value_opt,
+            )
+
+        # A branch, not a select: the skipped case costs nothing and the update needs no extra
+        # pass over parameters and optimiser state.
+        state = jax.lax.cond(ok, apply_updates, lambda state: state, state)
         aux["nonfinite/updates"] = 1.0 - ok.astype(jnp.float32)
         aux["grad_norm/policy"] = optax.global_norm(policy_grads)
         aux["grad_norm/value"] = optax.global_norm(value_grads)

@@ -160,6 +160,8 @@ def generate(
     stops = jnp.asarray(config.stop_token_ids, jnp.int32)
     pad = jnp.int32(config.pad_token_id)
 
+    # Per-layer weights, sliced once for prefill and all decode steps (not once per step).
+    params = models.unstack_layers(params)
     cache = models.init_cache(model_config, batch, prompt_len + length)
     hidden, cache = models.forward(
         params, model_config, tokens_BP, prompt_positions(mask_BP), mask_BP, cache

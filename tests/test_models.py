@@ -23,6 +23,7 @@ from rlhf_jax.models import (
     lm_logits,
     logical_axes,
     sequence_scores,
+    unstack_layers,
 )
 from rlhf_jax.models.hf import config_from_hf, hf_to_params
 
@@ -217,6 +218,29 @@ def test_forward_compiles_once():
     assert int(cache.index) == 3
 
 
+def test_unstacked_layers_give_the_same_cached_pass():
+    _, params, config = reference("qwen2")
+    tokens = random_tokens((2, 3))
+    positions, mask = np.broadcast_to(np.arange(3), (2, 3)), np.ones((2, 3), bool)
+    step = jax.jit(forward, static_argnums=1)
+    stacked = step(params, config, tokens, positions, mask, init_cache(config, 2, 4))
+    unstacked_params = unstack_layers(params)
+    assert len(unstacked_params["layers"]) == config.num_layers
+    unstacked = step(unstacked_params, config, tokens, positions, mask, init_cache(config, 2, 4))
+    chex.assert_trees_all_close(stacked, unstacked, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="stacked params"):
+        forward(unstacked_params, config, tokens, positions, mask)
+    with pytest.raises(ValueError, match="cache holds"):
+        forward(
+            params,
+            config,
+            tokens,
+            positions,
+            mask,
+            init_cache(dataclasses.replace(config, num_layers=3), 2, 4),
+        )
+
+
 def test_logical_axes_match_params():
     for name in ("gpt2", "qwen3"):
         _, params, config = reference(name)
@@ -283,10 +307,13 @@ def test_remat_gives_same_gradients():
 def test_cache_dtype_and_pytree():
     config = reference("qwen3")[2]
     cache = init_cache(config, 2, 8, dtype=jnp.bfloat16)
-    assert cache.k.shape == (2, 2, 8, 2, 32) and cache.k.dtype == jnp.bfloat16
+    # one [B, N, S, K] buffer per layer
+    assert len(cache.k) == len(cache.v) == config.num_layers == 2
+    for x in cache.k + cache.v:
+        assert x.shape == (2, 2, 8, 32) and x.dtype == jnp.bfloat16
     assert cache.mask.dtype == jnp.bool_ and cache.index.dtype == jnp.int32
     leaves = jax.tree.leaves(cache)
-    assert len(leaves) == 4
+    assert len(leaves) == 2 * 2 + 2
     assert isinstance(jax.tree.unflatten(jax.tree.structure(cache), leaves), KVCache)
 
 

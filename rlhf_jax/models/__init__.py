@@ -19,6 +19,7 @@ from rlhf_jax.models.model import (
     logical_axes,
     score,
     sequence_scores,
+    unstack_layers,
 )
 
 __all__ = [
@@ -37,5 +38,6 @@ __all__ = [
     "save",
     "score",
     "sequence_scores",
+    "unstack_layers",
     "value_from_reward",
 ]

@@ -1,8 +1,12 @@
 """One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2 and Qwen3.
 
-Layers are an `nn.scan` (params and KV cache carry a leading layer axis, so compile time does not
-grow with depth). The KV cache is an explicit pytree argument and return value. Functions take
-plain nested param dicts; `ModelConfig` is static.
+Layer params carry a leading layer axis. A full pass (no cache: training, scoring) runs the layers
+as an `nn.scan`, so its compile time does not grow with depth. A cached pass (prefill and decode)
+runs the layers unrolled over a KV cache held as one `[B, N, S, K]` array per layer, so each decode
+step writes only the new slot in place and reads each layer's cache without copying it; that keeps
+the cost of a decode step proportional to the work, not to copies of the cache. The KV cache is an
+explicit pytree argument and return value. Functions take plain nested param dicts; `ModelConfig`
+is static.
 
 Param tree (L = num_layers, D = hidden, H/N = query/kv heads, K = head_dim, F = mlp, V = vocab):
 
@@ -39,13 +43,15 @@ class KVCache(flax.struct.PyTreeNode):
     """Explicit key/value cache for all layers (a pytree).
 
     Attributes:
-      k, v: `[num_layers, B, max_len, num_kv_heads, head_dim]`, post-RoPE keys and values.
+      k, v: tuples of `num_layers` arrays, each `[B, num_kv_heads, max_len, head_dim]`: post-RoPE
+        keys and values of layer `i` (one buffer per layer, so a decode step updates each in
+        place).
       mask: bool `[B, max_len]`, True where a slot holds a real (non-pad) token.
       index: int32 scalar, the next slot to write.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     mask: jax.Array
     index: jax.Array
 
@@ -54,11 +60,12 @@ def init_cache(
     config: ModelConfig, batch_size: int, max_len: int, dtype: Any | None = None
 ) -> KVCache:
     """Empty cache: zero k/v (`dtype`, default the compute dtype), mask all False, index 0."""
-    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     dtype = config.compute_dtype if dtype is None else dtype
+    layers = range(config.num_layers)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
+        k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+        v=tuple(jnp.zeros(shape, dtype) for _ in layers),
         mask=jnp.zeros((batch_size, max_len), bool),
         index=jnp.zeros((), jnp.int32),
     )
@@ -102,7 +109,13 @@ class Dense(nn.Module):
             c.params_dtype,
         )
         dtype = c.compute_dtype
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.in_dims)
+        # One 2-D matmul [rows, in] x [in, out]: with several contracted or leading axes, the
+        # weight gradient becomes a multi-axis contraction that XLA:CPU lowers through a
+        # transposing copy fused with the elementwise producer (2x slower backward).
+        lead, contract = x.shape[: x.ndim - self.in_dims], kernel.shape[: self.in_dims]
+        x_2d = x.astype(dtype).reshape(-1, int(np.prod(contract)))
+        kernel_2d = kernel.astype(dtype).reshape(x_2d.shape[1], -1)
+        y = jnp.dot(x_2d, kernel_2d).reshape(lead + self.features)
         if self.use_bias:
             bias_axes = self.axes[len(self.axes) - len(self.features) :]
             bias = self.param(
@@ -194,21 +207,27 @@ def _apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> ja
 
 
 def _attend(
-    q_BTHK: jax.Array, k_BSNK: jax.Array, v_BSNK: jax.Array, allowed_BTS: jax.Array, scale
+    q_BTHK: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed_BTS: jax.Array,
+    scale,
+    kv_layout: str = "bsnk",
 ) -> jax.Array:
     """Grouped-query softmax attention; scores and softmax in float32.
 
+    `k`, `v` are `[B, S, N, K]` (`kv_layout="bsnk"`) or `[B, N, S, K]` (`"bnsk"`, the cache).
     Query head h reads kv head `h // (H // N)` (HF `repeat_kv` order). Rows with no allowed key
     get uniform weights (finite, never NaN).
     """
     b, t, h, d = q_BTHK.shape
-    n = k_BSNK.shape[2]
+    n = k.shape[kv_layout.index("n")]
     q_BTNGK = q_BTHK.reshape(b, t, n, h // n, d)
-    scores = jnp.einsum("btngk,bsnk->bngts", q_BTNGK, k_BSNK, preferred_element_type=_F32)
+    scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q_BTNGK, k, preferred_element_type=_F32)
     scores = scores * scale
     scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSNK.dtype)
-    out = jnp.einsum("bngts,bsnk->btngk", probs, v_BSNK)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -232,17 +251,19 @@ class Attention(nn.Module):
         q = _constrain(q, "batch", "length", "act_heads", None)
         k = _constrain(k, "batch", "length", "act_kv_heads", None)
         v = _constrain(v, "batch", "length", "act_kv_heads", None)
-        if kv is not None:
+        layout = "bsnk"
+        if kv is not None:  # write the T new slots of this layer's [B, N, S, K] cache in place
             cache_k, cache_v = kv
-            k = lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, index, 0, 0))
-            v = lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, index, 0, 0))
-            k = _constrain(k, "batch", "cache_length", "act_kv_heads", None)
-            v = _constrain(v, "batch", "cache_length", "act_kv_heads", None)
-            kv = (k, v)
+            at = (0, 0, index, 0)
+            k = lax.dynamic_update_slice(cache_k, k.swapaxes(1, 2).astype(cache_k.dtype), at)
+            v = lax.dynamic_update_slice(cache_v, v.swapaxes(1, 2).astype(cache_v.dtype), at)
+            k = _constrain(k, "batch", "act_kv_heads", "cache_length", None)
+            v = _constrain(v, "batch", "act_kv_heads", "cache_length", None)
+            kv, layout = (k, v), "bnsk"
         scale = c.head_dim**-0.5 if c.attn_scale else 1.0
         if c.attn_scale_by_inverse_layer:
-            scale = scale / (layer_idx + 1).astype(_F32)
-        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS, scale)
+            scale = scale / (jnp.asarray(layer_idx) + 1).astype(_F32)
+        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS, scale, layout)
         out = _constrain(out, "batch", "length", "act_heads", None)
         o = Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), c.attn_out_bias, 2, name="o")
         return o(out), kv
@@ -266,7 +287,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer; the `nn.scan` body: `(h, (layer_idx, kv)) -> (h, kv)`."""
+    """One decoder layer: `(h, (layer_idx, kv)) -> (h, kv)`; the `nn.scan` body of a full pass,
+    applied layer by layer (with one layer's params and cache) in a cached pass."""
 
     config: ModelConfig
 
@@ -310,7 +332,11 @@ class Transformer(nn.Module):
                 param_dtype=c.params_dtype,
                 embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
             )
-        block = nn.remat(Block, prevent_cse=False) if c.remat else Block
+        # remat: recompute each layer in the backward pass. Otherwise keep only the outputs of the
+        # weight matmuls for the backward and recompute the cheap elementwise work (norms, RoPE,
+        # activations, attention softmax): half the activation memory at no measurable cost.
+        policy = None if c.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+        block = nn.remat(Block, prevent_cse=False, policy=policy)
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -325,32 +351,26 @@ class Transformer(nn.Module):
         if c.head == "score":
             self.score = Dense(c, (c.num_labels,), ("embed", None), False)
 
-    def __call__(self, tokens_BT, positions_BT, mask_BT, cache):
-        c = self.config
-        mask_BT = mask_BT.astype(bool)
+    def embed_tokens(self, tokens_BT, positions_BT):
         h = self.embed(tokens_BT)
-        if c.positions == "learned":
+        if self.config.positions == "learned":
             h = h + self.pos_embed(positions_BT)
-        h = _constrain(h, "batch", "length", "act_embed")
+        return _constrain(h, "batch", "length", "act_embed")
+
+    def final(self, h_BTD):
+        return self.final_norm(h_BTD)
+
+    def __call__(self, tokens_BT, positions_BT, mask_BT):
+        """Full pass (no cache): each query attends to keys `j <= i` with `mask[j]`."""
+        c = self.config
+        h = self.embed_tokens(tokens_BT, positions_BT)
         rope = _rope_tables(c, positions_BT) if c.positions == "rope" else None
         t = tokens_BT.shape[1]
-        if cache is None:
-            causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-            allowed_BTS = causal_TT[None] & mask_BT[:, None, :]
-            kv, index, kv_mask = None, None, None
-        else:
-            index = cache.index
-            kv_mask = lax.dynamic_update_slice(cache.mask, mask_BT, (0, index))
-            q_slot_T = index + jnp.arange(t)
-            causal_TS = jnp.arange(cache.mask.shape[1])[None, :] <= q_slot_T[:, None]
-            allowed_BTS = causal_TS[None] & kv_mask[:, None, :]
-            kv = (cache.k, cache.v)
+        causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+        allowed_BTS = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
         layer_ids = jnp.arange(c.num_layers)
-        h, kv = self.layers(h, (layer_ids, kv), rope, allowed_BTS, index)
-        h = self.final_norm(h)
-        if cache is None:
-            return h, None
-        return h, KVCache(k=kv[0], v=kv[1], mask=kv_mask, index=index + t)
+        h, _ = self.layers(h, (layer_ids, None), rope, allowed_BTS, None)
+        return self.final_norm(h)
 
     def logits(self, hidden_BTD):
         c = self.config
@@ -366,7 +386,7 @@ class Transformer(nn.Module):
 
     def init_all(self, tokens_BT):
         """Touches every submodule so `init` creates all params."""
-        h, _ = self(tokens_BT, tokens_BT, tokens_BT >= 0, None)
+        h = self(tokens_BT, tokens_BT, tokens_BT >= 0)
         return self.logits(h) if self.config.head == "lm" else self.scores(h)
 
 
@@ -391,6 +411,22 @@ def logical_axes(config: ModelConfig) -> Any:
     return nn.get_partition_spec(abstract)["params"]
 
 
+def unstack_layers(params: Params) -> Params:
+    """`params` with `params["layers"]` split into a tuple of per-layer param dicts.
+
+    Only the cached pass (`forward` with a cache) accepts this form. Slicing a layer out of the
+    stacked weights is a copy; a decode loop that slices inside every step copies all weights per
+    token (on CPU that is most of the step). `generate` unstacks once before its loop instead, at
+    the price of one transient copy of the layer weights.
+    """
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    per_layer = tuple(jax.tree.map(lambda w, i=i: w[i], layers) for i in range(n))
+    return {**params, "layers": per_layer}
+
+
 def forward(
     params: Params,
     config: ModelConfig,
@@ -406,6 +442,7 @@ def forward(
       positions_BT: int position ids (use the exclusive cumsum of the mask for left-padded rows;
         learned positions must be < max_position_embeddings).
       mask_BT: bool/int, 1 where the token is real.
+      params: the param tree; for a cached pass also `unstack_layers(params)`.
       cache: None for a full pass: each query attends to keys `j <= i` with `mask[j]`.
         Otherwise the k/v of the T tokens go to slots `[index, index + T)` (the caller keeps
         `index + T <= max_len`), `mask_BT` to `cache.mask` there, and query `i` (slot
@@ -414,7 +451,39 @@ def forward(
 
     Rows of pad queries are finite but meaningless.
     """
-    return Transformer(config).apply({"params": params}, tokens_BT, positions_BT, mask_BT, cache)
+    model = Transformer(config)
+    if cache is None:
+        if isinstance(params["layers"], (list, tuple)):
+            raise ValueError(
+                "forward without a cache needs the stacked params, not unstack_layers(params)"
+            )
+        return model.apply({"params": params}, tokens_BT, positions_BT, mask_BT), None
+    if len(cache.k) != config.num_layers:
+        raise ValueError(
+            f"forward: the cache holds {len(cache.k)} layers, the model has {config.num_layers}; "
+            "build it with init_cache(config, ...)"
+        )
+    variables = {"params": params}
+    h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
+    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
+    t, index = tokens_BT.shape[1], cache.index
+    kv_mask = lax.dynamic_update_slice(cache.mask, mask_BT.astype(bool), (0, index))
+    q_slot_T = index + jnp.arange(t)
+    causal_TS = jnp.arange(cache.mask.shape[1])[None, :] <= q_slot_T[:, None]
+    allowed_BTS = causal_TS[None] & kv_mask[:, None, :]
+    # Unrolled: each layer reads its own weights and its own cache buffer, and writes back only
+    # the new slots.
+    layers = params["layers"]
+    if not isinstance(layers, (list, tuple)):
+        layers = unstack_layers(params)["layers"]
+    block, keys, values = Block(config), [], []
+    for i, layer in enumerate(layers):
+        xs = (np.int32(i), (cache.k[i], cache.v[i]))
+        h, (k, v) = block.apply({"params": layer}, h, xs, rope, allowed_BTS, index)
+        keys.append(k)
+        values.append(v)
+    h = model.apply(variables, h, method=Transformer.final)
+    return h, KVCache(k=tuple(keys), v=tuple(values), mask=kv_mask, index=index + t)
 
 
 def lm_logits(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
