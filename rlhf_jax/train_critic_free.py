@@ -20,6 +20,7 @@ from rlhf_jax import config as cfg
 from rlhf_jax import critic_free as cf
 from rlhf_jax import data, models, sharding
 from rlhf_jax import reward_functions as rf
+from rlhf_jax._host import release_host_memory
 from rlhf_jax.logging import RunLogger
 from rlhf_jax.ppo import check_finite
 from rlhf_jax.trainer import SetupError, TrainResult, read_model_config, resolve_model_path
@@ -166,6 +167,8 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         else:
             state, out = step(*args)
         check_finite(out, iteration)
+        if iteration == start + 1:  # compiled now
+            release_host_memory()
         metrics = {k: float(v) for k, v in out.items()}
         logger.log(iteration, metrics)
         every = config.checkpoint.every

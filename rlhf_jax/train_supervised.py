@@ -18,6 +18,7 @@ import numpy as np
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import data, models, sharding
+from rlhf_jax._host import release_host_memory
 from rlhf_jax.logging import RunLogger
 from rlhf_jax.reward_model import (
     PreferenceBatch,
@@ -266,6 +267,8 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
         )
         state, out = step_fn(state, batch_at(train_rows[rows]))
         metrics = {k: float(v) for k, v in out.items()}
+        if step == start + 1:  # compiled now
+            release_host_memory()
         if not np.all(np.isfinite(list(metrics.values()))):
             raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; nothing saved")
         if step % config.eval_every == 0 or step == total:

@@ -38,6 +38,7 @@ from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import data, models, ppo, sharding
 from rlhf_jax import logging as run_logging
+from rlhf_jax._host import release_host_memory
 from rlhf_jax.sampling import SamplingConfig, generate
 
 Params = Any
@@ -573,6 +574,8 @@ def _train(setup: _Setup) -> TrainResult:
                     metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
                 metrics.update(reward_metrics)
                 iteration += 1
+                if iteration == start + 1:  # the programs are compiled now
+                    release_host_memory()
                 ppo.check_finite(metrics, iteration)
                 position = next_position
                 seconds = time.perf_counter() - t0
