@@ -4,6 +4,7 @@ exported models must load in transformers."""
 import json
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -25,6 +26,7 @@ def test_gold_rule_on_worked_examples():
     np.testing.assert_array_equal(task.gold_score(responses, subjects), [4, -4, 0, 1])
 
 
+@pytest.mark.slow
 def test_reduced_demo_beats_sft_on_the_gold_rule(tmp_path):
     config = DemoConfig(
         sft_examples=2048,

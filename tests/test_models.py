@@ -261,7 +261,6 @@ def test_logical_axes_match_params():
     assert axes["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
-@pytest.mark.slow
 def test_init_params_bfloat16():
     config = ModelConfig(
         family="llama",
@@ -288,7 +287,6 @@ def test_init_params_bfloat16():
     assert np.isfinite(np.asarray(hidden, np.float32)).all()
 
 
-@pytest.mark.slow
 def test_remat_gives_same_gradients():
     _, params, config = reference("llama")
     tokens = random_tokens((1, 4))
