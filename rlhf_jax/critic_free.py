@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import models
+from rlhf_jax._update import accumulate_grads, apply_if_finite
 from rlhf_jax.advantages import AdvantageInputs, estimate_advantages
 from rlhf_jax.losses import LOSS_AGGREGATIONS, AggregationMode, aggregate_loss, ppo_policy_loss
 from rlhf_jax.ops import masked_mean, masked_sum
@@ -914,10 +915,6 @@ def minibatch_token_scales(mask_AUT: jax.Array) -> jax.Array:
     return counts_A * mask_AUT.shape[0] / jnp.maximum(jnp.sum(mask_AUT), 1.0)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def update(
     state: CriticFreeState,
     exp: Experience,
@@ -948,26 +945,21 @@ def update(
         else:
             scales_A = jnp.ones((n_acc,), jnp.float32)
 
-        def micro_step(grads, inputs):
+        def micro_grads(inputs):
             idx_U, scale = inputs
             mb = jax.tree.map(lambda x: x[idx_U], exp)
-            (loss, aux), micro_grads = grad_fn(
+            (loss, aux), grads = grad_fn(
                 state.policy_params, mb, scale, config=config, cf_models=cf_models
             )
-            grads = jax.tree.map(lambda g, d: g + d / n_acc, grads, micro_grads)
             return grads, {**aux, "loss/total": loss}
 
-        zeros = jax.tree.map(jnp.zeros_like, state.policy_params)
-        grads, aux = jax.lax.scan(micro_step, zeros, (idx_AU, scales_A))
-        aux = jax.tree.map(jnp.mean, aux)
-        ok = _all_finite(grads) & jnp.isfinite(aux["loss/total"])
-        updates, opt_state = tx.update(grads, state.opt_state, state.policy_params)
-        new = state.replace(
-            policy_params=optax.apply_updates(state.policy_params, updates), opt_state=opt_state
+        grads, aux = accumulate_grads(micro_grads, state.policy_params, (idx_AU, scales_A), n_acc)
+        [(params, opt_state)], ok, [norm] = apply_if_finite(
+            [(tx, grads, state.opt_state, state.policy_params)], aux["loss/total"]
         )
-        state = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
+        state = state.replace(policy_params=params, opt_state=opt_state)
         aux["nonfinite/updates"] = 1.0 - ok.astype(jnp.float32)
-        aux["grad_norm/policy"] = optax.global_norm(grads)
+        aux["grad_norm/policy"] = norm
         return state, aux
 
     def epoch_step(state: CriticFreeState, epoch_key: jax.Array):

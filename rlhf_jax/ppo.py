@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
+from rlhf_jax._update import accumulate_grads, apply_if_finite
 from rlhf_jax.advantages import gae
 from rlhf_jax.logprobs import logprobs_from_hidden
 from rlhf_jax.losses import AggregationMode, lm_loss, ppo_policy_loss, ppo_value_loss
@@ -582,11 +583,6 @@ def _loss(
     return loss, aux
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def update(
     state: PPOState,
     exp: Experience,
@@ -619,47 +615,32 @@ def update(
         ptx = jax.tree.map(lambda x: x.reshape(n_mb, n_acc, n // (n_mb * n_acc), *x.shape[1:]), ptx)
 
     def minibatch_step(state: PPOState, inputs):
-        idx_AU, ptx_mb = inputs
-
-        def micro_step(grads, micro_inputs):
+        def micro_grads(micro_inputs):
             idx_U, ptx_micro = micro_inputs
             mb = jax.tree.map(lambda x: x[idx_U], exp)
-            (loss, aux), micro_grads = grad_fn(
+            (loss, aux), grads = grad_fn(
                 state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
             )
-            if grads is not None:
-                micro_grads = jax.tree.map(lambda g, d: g + d / n_acc, grads, micro_grads)
-            return micro_grads, {**aux, "loss/total": loss}
+            return grads, {**aux, "loss/total": loss}
 
-        if n_acc == 1:  # no accumulation buffers (a params-sized zero fill and add)
-            mb_inputs = jax.tree.map(lambda x: x[0], (idx_AU, ptx_mb))
-            (policy_grads, value_grads), aux = micro_step(None, mb_inputs)
-        else:
-            zeros = jax.tree.map(jnp.zeros_like, (state.policy_params, state.value_params))
-            (policy_grads, value_grads), aux = jax.lax.scan(micro_step, zeros, (idx_AU, ptx_mb))
-            aux = jax.tree.map(jnp.mean, aux)
-        ok = _all_finite((policy_grads, value_grads)) & jnp.isfinite(aux["loss/total"])
-
-        def apply_updates(state: PPOState) -> PPOState:
-            policy_updates, policy_opt = policy_tx.update(
-                policy_grads, state.policy_opt_state, state.policy_params
-            )
-            value_updates, value_opt = value_tx.update(
-                value_grads, state.value_opt_state, state.value_params
-            )
-            return state.replace(
-                policy_params=optax.apply_updates(state.policy_params, policy_updates),
-                value_params=optax.apply_updates(state.value_params, value_updates),
-                policy_opt_state=policy_opt,
-                value_opt_state=value_opt,
-            )
-
-        # A branch, not a select: the skipped case costs nothing and the update needs no extra
-        # pass over parameters and optimiser state.
-        state = jax.lax.cond(ok, apply_updates, lambda state: state, state)
+        params = (state.policy_params, state.value_params)
+        (policy_grads, value_grads), aux = accumulate_grads(micro_grads, params, inputs, n_acc)
+        updated, ok, (policy_norm, value_norm) = apply_if_finite(
+            [
+                (policy_tx, policy_grads, state.policy_opt_state, state.policy_params),
+                (value_tx, value_grads, state.value_opt_state, state.value_params),
+            ],
+            aux["loss/total"],
+        )
+        (policy_params, policy_opt), (value_params, value_opt) = updated
+        state = state.replace(
+            policy_params=policy_params,
+            value_params=value_params,
+            policy_opt_state=policy_opt,
+            value_opt_state=value_opt,
+        )
         aux["nonfinite/updates"] = 1.0 - ok.astype(jnp.float32)
-        aux["grad_norm/policy"] = optax.global_norm(policy_grads)
-        aux["grad_norm/value"] = optax.global_norm(value_grads)
+        aux["grad_norm/policy"], aux["grad_norm/value"] = policy_norm, value_norm
         return state, aux
 
     def epoch_step(state: PPOState, epoch_key: jax.Array):

@@ -206,6 +206,28 @@ def _apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> ja
     return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BTHK.dtype)
 
 
+@jax.custom_vjp
+def _softmax(x: jax.Array) -> jax.Array:
+    """`jax.nn.softmax(x, axis=-1)` with the backward's row sums `sum(g * y)` as a dot.
+
+    The same values and gradients; XLA:CPU runs the fused multiply-and-reduce of the stock
+    backward 4-5x slower than the equivalent dot at attention shapes (many short rows)."""
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    y = jax.nn.softmax(x, axis=-1)
+    return y, y
+
+
+def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    row_dot = jnp.einsum("...s,...s->...", g, y, preferred_element_type=_F32)
+    return ((y * (g - row_dot[..., None].astype(g.dtype))).astype(y.dtype),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def _attend(
     q_BTHK: jax.Array,
     k: jax.Array,
@@ -226,7 +248,7 @@ def _attend(
     scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q_BTNGK, k, preferred_element_type=_F32)
     scores = scores * scale
     scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(_F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _softmax(scores).astype(v.dtype)
     out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
     return out.reshape(b, t, h, d)
 
