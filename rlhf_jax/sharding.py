@@ -650,7 +650,7 @@ def load_sharded(
     config = hf.config_from_hf(hf_config)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    host = hf.hf_to_params(hf._read_weights(path, allow_pickle), config)
+    host = hf.hf_to_params(hf.read_weights(path, allow_pickle), config)
     return shard_params(host, models.logical_axes(config), mesh, rules), config
 
 

@@ -32,17 +32,19 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_dtypes
 import numpy as np
-import transformers
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from rlhf_jax.models.config import ModelConfig, freeze_rope_scaling
 from rlhf_jax.models.model import Params, init_params
+
+if TYPE_CHECKING:  # imported where used: transformers adds seconds to every process start
+    import transformers
 
 _PREFIX = {
     "gpt2": "transformer",
@@ -199,6 +201,8 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
     """The transformers config of `config`'s family (architectures set for the head)."""
+    import transformers
+
     c = config
     kwargs: dict[str, Any] = dict(
         architectures=[_architecture(c.family, c.head)],
@@ -562,7 +566,9 @@ def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
         return _read_safetensors_raw(file)
 
 
-def _read_weights(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint directory as NumPy arrays, by HF name: sharded or single
+    safetensors files, or (only with `allow_pickle`) PyTorch `.bin` pickles."""
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -608,12 +614,14 @@ def load(
     Returns:
       `(params, config)`: params as jax arrays on the default device.
     """
+    import transformers
+
     path = Path(path)
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     config = config_from_hf(hf_config)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    params = hf_to_params(_read_weights(path, allow_pickle), config)
+    params = hf_to_params(read_weights(path, allow_pickle), config)
     return jax.tree.map(jax.numpy.asarray, params), config
 
 
