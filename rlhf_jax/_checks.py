@@ -1,4 +1,4 @@
-"""Input validation for the math core: clear errors at trace time, or at run time by callback."""
+"""Input validation for the math core: clear errors at trace time or on concrete values."""
 
 from __future__ import annotations
 
@@ -26,20 +26,18 @@ def check_floating(where: str, name: str, x: jax.typing.ArrayLike) -> None:
         )
 
 
-def runtime_check(ok: jax.Array, message: str | Callable[[], str]) -> None:
-    """Raises ValueError(message) when the boolean scalar `ok` is False.
+def check_if_concrete(ok: jax.Array, message: str | Callable[[], str]) -> bool:
+    """Raises ValueError(message) when the boolean scalar `ok` is concrete and False.
 
-    Checked immediately for concrete values; under `jax.jit` the check runs on the host through a
-    `jax.debug.callback` and the error surfaces as a runtime error carrying the message.
+    Under `jax.jit` (`ok` traced) nothing is checked and False is returned: the caller makes the
+    result NaN instead, which the training loops report as a non-finite quantity. A host callback
+    would check at run time, but JAX's persistent compilation cache does not store programs with
+    host callbacks. Returns True when the check ran.
     """
-
-    def _raise_if_not(ok_value: np.ndarray) -> None:
-        if not bool(ok_value):
-            raise ValueError(message() if callable(message) else message)
-
     try:
         concrete = bool(ok)
     except jax.errors.ConcretizationTypeError:
-        jax.debug.callback(_raise_if_not, ok)
-        return
-    _raise_if_not(np.asarray(concrete))
+        return False
+    if not concrete:
+        raise ValueError(message() if callable(message) else message)
+    return True

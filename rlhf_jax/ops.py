@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_same_shape, runtime_check
+from rlhf_jax._checks import check_if_concrete, check_same_shape
 
 #: Log-prob stored at masked (padding) positions. Both the policy and the reference hold it there,
 #: so every KL estimator is exactly 0 on padding.
@@ -72,18 +72,21 @@ def masked_whiten(x: ArrayLike, mask: ArrayLike, shift_mean: bool = True) -> jax
     too (callers zero them); they never influence the statistics.
 
     Raises:
-      ValueError: the mask selects no element (at run time under jit).
+      ValueError: the mask selects no element (eagerly). Under jit an empty mask makes the whole
+        result NaN, which `ppo.check_finite` and the trainers report as an error.
     """
     check_same_shape("masked_whiten", x=x, mask=mask)
-    runtime_check(
-        jnp.any(_f32(mask) > 0),
+    any_real = jnp.any(_f32(mask) > 0)
+    check_if_concrete(
+        any_real,
         "masked_whiten: the mask selects no element, so mean and variance are undefined; "
         "check that the batch holds at least one real (unmasked) token",
     )
     x32 = _f32(x)
     mean = masked_mean(x32, mask)
     whitened = (x32 - mean) * jax.lax.rsqrt(masked_var(x32, mask, unbiased=True) + WHITEN_EPS)
-    return whitened if shift_mean else whitened + mean
+    whitened = whitened if shift_mean else whitened + mean
+    return jnp.where(any_real, whitened, jnp.nan)
 
 
 def first_true_indices(bools: ArrayLike) -> jax.Array:
