@@ -197,6 +197,34 @@ def test_unfiltered_frequencies_match_the_softmax():
     assert chi2 < critical, (chi2, critical, dof)
 
 
+def test_two_level_inverse_cdf_draws_from_the_softmax():
+    """The sampler proper, on a vocabulary that is not a multiple of its 128-token blocks, with a
+    whole block and scattered tokens at -inf (never drawn) and a NumPy chi-square check."""
+    from rlhf_jax.sampling import _categorical
+
+    vocab, n = 300, 60_000
+    logits = np.random.default_rng(3).normal(0, 1.5, vocab).astype(np.float32)
+    logits[128:256] = -np.inf  # the middle block has no mass
+    logits[[0, 5, 299]] = -np.inf
+    draws = jax.jit(_categorical)(jax.random.key(4), jnp.broadcast_to(logits, (n, vocab)))
+    counts = np.bincount(np.asarray(draws), minlength=vocab)
+    assert counts.size == vocab and counts[~np.isfinite(logits)].sum() == 0
+    probs = np.exp(logits - logits[np.isfinite(logits)].max())
+    probs /= probs.sum()
+    keep = probs * n >= 5  # pool the rare tokens into one cell
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(probs[keep] * n, probs[~keep].sum() * n)
+    chi2 = float(((obs - exp) ** 2 / exp).sum())
+    dof = len(obs) - 1
+    z = 3.09  # p = 0.001
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical, dof)
+    # One real token: always drawn, whatever the uniforms.
+    one_hot = np.full((64, vocab), -np.inf, np.float32)
+    one_hot[:, 200] = 0.0
+    assert (np.asarray(_categorical(jax.random.key(5), jnp.asarray(one_hot))) == 200).all()
+
+
 def test_same_key_same_output_and_independent_rows():
     _, params, config = llama()
     tokens, mask = left_padded_prompts(batch=1)
