@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "ppo_walkthrough.ipynb"
 
 
+@pytest.mark.slow
 def test_walkthrough_notebook_executes():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
