@@ -23,7 +23,13 @@ from rlhf_jax import reward_functions as rf
 from rlhf_jax._host import release_host_memory
 from rlhf_jax.logging import RunLogger
 from rlhf_jax.ppo import check_finite
-from rlhf_jax.trainer import SetupError, TrainResult, read_model_config, resolve_model_path
+from rlhf_jax.trainer import (
+    SetupError,
+    TrainResult,
+    open_checkpointer,
+    read_model_config,
+    resolve_model_path,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -106,13 +112,8 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         raise SetupError(f"algorithm: {err}") from err
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
     run_dir = Path(config.run_dir).absolute()
-    checkpointer = ckpt.Checkpointer(
-        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
+    checkpointer = open_checkpointer(run_dir, config.checkpoint, resume)
     latest = checkpointer.latest_step()
-    if latest is not None and not resume:
-        checkpointer.close()
-        raise SetupError(f"{run_dir} already has checkpoints; pass --resume or a new run_dir")
 
     policy, _ = models.load(policy_path, dtype=mc.param_dtype, allow_pickle=mc.allow_pickle)
     reward = None

@@ -28,7 +28,7 @@ from rlhf_jax.reward_model import (
     reward_init_from_policy,
 )
 from rlhf_jax.sft import SFTBatch, TrainConfig, init_train_state, make_sft_step
-from rlhf_jax.trainer import TrainResult
+from rlhf_jax.trainer import TrainResult, open_checkpointer
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -222,13 +222,9 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     state = init_train_state(params, config.train)
     position = data.DataPosition()
     main = sharding.is_main_process()
-    checkpointer = ckpt.Checkpointer(
-        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
+    checkpointer = open_checkpointer(run_dir, config.checkpoint, resume, unit="step")
     start = 0
     latest = checkpointer.latest_step()
-    if latest is not None and not resume:
-        raise cfg.ConfigError(f"{run_dir} already has checkpoints; pass --resume or a new run_dir")
     if latest is not None:
         restored, meta = checkpointer.restore(latest, {"state": ckpt.abstract_like(state)})
         state = restored["state"]

@@ -293,6 +293,24 @@ class _Setup:
     reward_fn: RewardHook | None
 
 
+def open_checkpointer(
+    run_dir: Path, checkpoint: cfg.CheckpointConfig, resume: bool, unit: str = "iteration"
+) -> ckpt.Checkpointer:
+    """The run directory's checkpointer. A directory that already holds checkpoints is an error
+    unless `resume` (a new run must not overwrite or mix with an old one)."""
+    checkpointer = ckpt.Checkpointer(
+        run_dir, keep=checkpoint.keep, async_save=checkpoint.async_save
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None and not resume:
+        checkpointer.close()
+        raise SetupError(
+            f"{run_dir} already has checkpoints (newest: {unit} {latest}); pass --resume to "
+            "continue that run, or choose another run_dir"
+        )
+    return checkpointer
+
+
 def _check_vocab(tokenizer: Any, config: models.ModelConfig, key: str) -> None:
     size = len(tokenizer)
     if size > config.vocab_size:
@@ -381,16 +399,7 @@ def prepare_ppo(
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
     reward_fn = reward_hook(mc.reward_function) if mc.reward_function is not None else None
     run_dir = Path(config.run_dir).absolute()
-    checkpointer = ckpt.Checkpointer(
-        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
-    )
-    latest = checkpointer.latest_step()
-    if latest is not None and not resume:
-        checkpointer.close()
-        raise SetupError(
-            f"{run_dir} already has checkpoints (newest: iteration {latest}); pass --resume to "
-            "continue that run, or choose another run_dir"
-        )
+    checkpointer = open_checkpointer(run_dir, config.checkpoint, resume)
     return _Setup(
         config=config,
         run_dir=run_dir,
@@ -401,7 +410,7 @@ def prepare_ppo(
         paths=paths,
         devices=devices,
         checkpointer=checkpointer,
-        resume_step=latest if resume else None,
+        resume_step=checkpointer.latest_step() if resume else None,
         reward_fn=reward_fn,
     )
 
