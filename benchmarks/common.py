@@ -87,6 +87,28 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5
     return 2.0 * n**3 / seconds
 
 
+def tiny_llama(args: Any, **overrides: Any) -> Any:
+    """The peer script's random Llama from the benchmark flags (`--layers --hidden --intermediate
+    --heads --vocab --prompt-len --response-len`): `--vocab N` ordinary tokens plus pad (id N)
+    and eos (id N + 1). `overrides` replace any `ModelConfig` field."""
+    from rlhf_jax import models
+
+    fields = dict(
+        family="llama",
+        vocab_size=args.vocab + 2,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        num_kv_heads=args.heads,
+        head_dim=args.hidden // args.heads,
+        intermediate_size=args.intermediate,
+        max_position_embeddings=max(512, args.prompt_len + args.response_len),
+        pad_token_id=args.vocab,
+        eos_token_id=args.vocab + 1,
+    )
+    return models.ModelConfig(**{**fields, **overrides})
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (`ru_maxrss`: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -85,19 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_configs(args: argparse.Namespace) -> tuple[models.ModelConfig, models.ModelConfig]:
-    policy = models.ModelConfig(
-        family="llama",
-        vocab_size=args.vocab + 2,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-        head_dim=args.hidden // args.heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=max(512, args.prompt_len + args.response_len),
-        pad_token_id=args.vocab,
-        eos_token_id=args.vocab + 1,
-    )
+    policy = common.tiny_llama(args)
     return policy, dataclasses.replace(policy, head="score", num_labels=1)
 
 

@@ -121,24 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
-    vocab = args.vocab + 2
-    policy = models.ModelConfig(
+    policy = common.tiny_llama(
+        args,
         family=args.arch,
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
         num_kv_heads=args.kv_heads,
-        head_dim=args.hidden // args.heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=max(512, args.prompt_len + args.response_len),
         attn_bias=args.arch == "qwen2",
         qk_norm=args.arch == "qwen3",
         dtype=args.dtype,
         param_dtype=args.param_dtype,
         remat=args.remat,
-        pad_token_id=args.vocab,
-        eos_token_id=args.vocab + 1,
     )
     score = dataclasses.replace(policy, head="score", num_labels=1)
     return ppo.PPOModels(policy=policy, value=score, reward=score)
