@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recompute-old-logprobs", action="store_true")
     p.add_argument("--logprob-chunk", type=int, default=None, help="PPOConfig.logprob_chunk_size")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward")
+    p.add_argument(
+        "--scan-layers",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="ModelConfig.scan_layers (auto: unrolled up to 4 layers)",
+    )
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (-1: the rest)")
     p.add_argument("--no-phases", action="store_true", help="time only the one-jit iteration")
     p.add_argument("--cost-analysis", action="store_true", help="print XLA's FLOP estimates")
@@ -130,6 +136,7 @@ def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
         dtype=args.dtype,
         param_dtype=args.param_dtype,
         remat=args.remat,
+        scan_layers={"auto": None, "true": True, "false": False}[args.scan_layers],
     )
     score = dataclasses.replace(policy, head="score", num_labels=1)
     return ppo.PPOModels(policy=policy, value=score, reward=score)

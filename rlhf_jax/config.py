@@ -53,6 +53,8 @@ class ModelsConfig:
       dtype: compute dtype ("float32" | "bfloat16" | "float16").
       param_dtype: dtype of the trained parameters and optimiser moments.
       remat: rematerialise each layer in the backward pass (less memory, more compute).
+      scan_layers: full passes scan over the layers (True) or run them unrolled (False); null:
+        unrolled for models of at most 4 layers (`models.ModelConfig.scan_layers`).
       allow_pickle: allow `*.bin` (pickle) checkpoints, read with `torch.load(weights_only=True)`.
     """
 
@@ -63,6 +65,7 @@ class ModelsConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: bool = False
+    scan_layers: bool | None = None
     allow_pickle: bool = False
 
     def __post_init__(self) -> None:

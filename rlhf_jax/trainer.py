@@ -146,7 +146,7 @@ def read_model_config(
     path: Path, key: str, *, head: str, models_config: cfg.ModelsConfig
 ) -> models.ModelConfig:
     """The `ModelConfig` of the checkpoint at `path` (config.json only; no weights are read),
-    with the run's dtypes and remat, checked to have the expected `head`."""
+    with the run's dtypes, remat and scan_layers, checked to have the expected `head`."""
     import transformers
 
     try:
@@ -169,6 +169,7 @@ def read_model_config(
         dtype=models_config.dtype,
         param_dtype=models_config.param_dtype,
         remat=models_config.remat,
+        scan_layers=models_config.scan_layers,
     )
 
 

@@ -302,6 +302,37 @@ def test_remat_gives_same_gradients():
     )
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "qwen3"])
+def test_scanned_and_unrolled_layers_agree(name):
+    """`scan_layers` changes how the full pass runs, never what it computes: logits and
+    gradients agree, with and without remat (gpt2 reads the layer index, neox has parallel
+    residuals, qwen3 q/k norms)."""
+    _, params, config = reference(name)
+    assert not config.use_scan  # two layers: unrolled by default
+    assert dataclasses.replace(config, num_layers=5).use_scan
+    tokens, mask, positions = left_padded([12, 7, 1], T)
+
+    def loss(params, config):
+        hidden, _ = forward(params, config, tokens, positions, mask)
+        return jnp.sum(jnp.where(mask[..., None], lm_logits(params, config, hidden), 0) ** 2)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    for remat in (False, True):
+        unrolled = dataclasses.replace(config, scan_layers=False, remat=remat)
+        scanned = dataclasses.replace(config, scan_layers=True, remat=remat)
+        np.testing.assert_allclose(
+            logits_fn(params, unrolled, tokens, positions, mask),
+            logits_fn(params, scanned, tokens, positions, mask),
+            atol=1e-5,
+            rtol=0,
+        )
+        (loss_u, grads_u), (loss_s, grads_s) = (
+            value_and_grad(params, c) for c in (unrolled, scanned)
+        )
+        np.testing.assert_allclose(loss_u, loss_s, rtol=1e-5)
+        chex.assert_trees_all_close(grads_u, grads_s, atol=1e-5, rtol=1e-4)
+
+
 def test_cache_dtype_and_pytree():
     config = reference("qwen3")[2]
     cache = init_cache(config, 2, 8, dtype=jnp.bfloat16)

@@ -1,12 +1,13 @@
 """One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2 and Qwen3.
 
 Layer params carry a leading layer axis. A full pass (no cache: training, scoring) runs the layers
-as an `nn.scan`, so its compile time does not grow with depth. A cached pass (prefill and decode)
-runs the layers unrolled over a KV cache held as one `[B, N, S, K]` array per layer, so each decode
-step writes only the new slot in place and reads each layer's cache without copying it; that keeps
-the cost of a decode step proportional to the work, not to copies of the cache. The KV cache is an
-explicit pytree argument and return value. Functions take plain nested param dicts; `ModelConfig`
-is static.
+as an `nn.scan`, so its compile time does not grow with depth, or unrolled for shallow models
+(`ModelConfig.scan_layers`), which skips the scan's per-layer slicing and stacking. A cached pass
+(prefill and decode) runs the layers unrolled over a KV cache held as one `[B, N, S, K]` array per
+layer, so each decode step writes only the new slot in place and reads each layer's cache without
+copying it; that keeps the cost of a decode step proportional to the work, not to copies of the
+cache. The KV cache is an explicit pytree argument and return value. Functions take plain nested
+param dicts; `ModelConfig` is static.
 
 Param tree (L = num_layers, D = hidden, H/N = query/kv heads, K = head_dim, F = mlp, V = vocab):
 
@@ -331,6 +332,13 @@ class Block(nn.Module):
         return _constrain(h_BTD, "batch", "length", "act_embed"), kv
 
 
+def _remat_policy(config: ModelConfig):
+    """remat: recompute each layer in the backward pass. Otherwise keep only the outputs of the
+    weight matmuls for the backward and recompute the cheap elementwise work (norms, RoPE,
+    activations, attention softmax): half the activation memory at no measurable cost."""
+    return None if config.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+
+
 class Transformer(nn.Module):
     """Decoder LM; `__call__` gives final-normed hidden states, `logits`/`scores` the heads."""
 
@@ -354,11 +362,7 @@ class Transformer(nn.Module):
                 param_dtype=c.params_dtype,
                 embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
             )
-        # remat: recompute each layer in the backward pass. Otherwise keep only the outputs of the
-        # weight matmuls for the backward and recompute the cheap elementwise work (norms, RoPE,
-        # activations, attention softmax): half the activation memory at no measurable cost.
-        policy = None if c.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-        block = nn.remat(Block, prevent_cse=False, policy=policy)
+        block = nn.remat(Block, prevent_cse=False, policy=_remat_policy(c))
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -479,7 +483,9 @@ def forward(
             raise ValueError(
                 "forward without a cache needs the stacked params, not unstack_layers(params)"
             )
-        return model.apply({"params": params}, tokens_BT, positions_BT, mask_BT), None
+        if config.use_scan:
+            return model.apply({"params": params}, tokens_BT, positions_BT, mask_BT), None
+        return _unrolled_full_pass(params, config, tokens_BT, positions_BT, mask_BT), None
     if len(cache.k) != config.num_layers:
         raise ValueError(
             f"forward: the cache holds {len(cache.k)} layers, the model has {config.num_layers}; "
@@ -506,6 +512,42 @@ def forward(
         values.append(v)
     h = model.apply(variables, h, method=Transformer.final)
     return h, KVCache(k=tuple(keys), v=tuple(values), mask=kv_mask, index=index + t)
+
+
+def _unrolled_full_pass(
+    params: Params,
+    config: ModelConfig,
+    tokens_BT: jax.Array,
+    positions_BT: jax.Array,
+    mask_BT: jax.Array,
+) -> jax.Array:
+    """`Transformer.__call__` with the layers unrolled: the same blocks, masks and remat policy.
+
+    The stacked layer params are split once (`jnp.split`, whose transpose is one concatenate), so
+    the backward pass writes each weight gradient once instead of summing per-layer pads."""
+    model, variables = Transformer(config), {"params": params}
+    h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
+    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
+    t = tokens_BT.shape[1]
+    causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    allowed_BTS = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+    n = config.num_layers
+    split = jax.tree.map(lambda w: jnp.split(w, n, axis=0), params["layers"])
+    block = Block(config)
+
+    def layer(layer_params, h_BTD, i):
+        xs = (np.int32(i), None)
+        return block.apply({"params": layer_params}, h_BTD, xs, rope, allowed_BTS, None)[0]
+
+    layer = jax.checkpoint(
+        layer, policy=_remat_policy(config), prevent_cse=False, static_argnums=(2,)
+    )
+    for i in range(n):
+        layer_params = jax.tree.map(
+            lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list)
+        )
+        h = layer(layer_params, h, i)
+    return model.apply(variables, h, method=Transformer.final)
 
 
 def lm_logits(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
