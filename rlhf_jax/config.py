@@ -142,6 +142,39 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PtxDataConfig:
+    """Pretraining text for PPO-ptx (InstructGPT): with `ppo.ptx_coef > 0`, every PPO minibatch
+    adds `ptx_coef` times the LM loss (mean next-token NLL) on its share of a batch of these rows.
+
+    Attributes:
+      path, format, split: as in `DataConfig`.
+      column: the text column.
+      max_length: tokens per row, right-padded; a longer text keeps its first `max_length`
+        tokens (counted as truncated). Texts of fewer than 2 tokens are dropped.
+      batch_size: rows per iteration (None: `ppo.batch_size`). They are split like the rollouts
+        into `num_mini_batches x gradient_accumulation_steps` parts; each minibatch of every
+        PPO epoch uses its part.
+      add_special_tokens: let the tokenizer add its special tokens (e.g. BOS).
+      shuffle: a fresh order on every pass over the rows (seeded by `seed`).
+    """
+
+    path: str
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "disk", "hub"] = "auto"
+    split: str = "train"
+    column: str = "text"
+    max_length: int = 512
+    batch_size: int | None = None
+    add_special_tokens: bool = True
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or null, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoggingConfig:
     """What the trainer reports (only process 0 writes).
 
@@ -205,6 +238,7 @@ class PPORunConfig:
         `ppo.total_iterations`.
       compilation_cache: directory for JAX's persistent compilation cache (None: off).
       models, tokenizer, data, logging, checkpoint: see their classes.
+      ptx_data: pretraining text for PPO-ptx; required when `ppo.ptx_coef > 0`, else unset.
       ppo: `rlhf_jax.ppo.PPOConfig`; `pad_token_id` comes from the tokenizer and the tokenizer's
         stop tokens are added to `stop_token_ids`.
       mesh: `rlhf_jax.sharding.MeshConfig`, the `(data, fsdp, tensor)` device mesh.
@@ -221,10 +255,21 @@ class PPORunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    ptx_data: PtxDataConfig | None = None
 
     def __post_init__(self) -> None:
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 or null, got {self.stop_after}")
+        if self.ppo.ptx_coef > 0 and self.ptx_data is None:
+            raise ValueError(
+                f"ppo.ptx_coef={self.ppo.ptx_coef} needs pretraining text: set ptx_data.path "
+                "(a dataset with a text column), or ppo.ptx_coef=0"
+            )
+        if self.ptx_data is not None and self.ppo.ptx_coef <= 0:
+            raise ValueError(
+                "ptx_data is set but ppo.ptx_coef=0, so it would be unused; set ppo.ptx_coef > 0 "
+                "or remove ptx_data"
+            )
 
 
 # ------------------------------------------------------------------------------------- loading

@@ -1,5 +1,6 @@
 """Prompt datasets: loading (JSONL, JSON, Parquet, CSV, `datasets` directories, the hub),
 tokenization with left padding to a fixed length, and a deterministic, resumable batch order.
+Pretraining text for PPO-ptx loads the same way into right-padded rows (`load_texts`).
 
 Everything here runs on the host with NumPy. A dataset becomes a `PromptDataset` of left-padded
 token arrays; `batch_indices(position)` returns the rows of the next batch and the position after
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rlhf_jax.config import DataConfig, TokenizerConfig
+from rlhf_jax.config import DataConfig, PtxDataConfig, TokenizerConfig
 
 Records = dict[str, list[Any]]
 
@@ -144,7 +145,7 @@ def _select_split(obj: Any, split: str, where: str) -> Any:
     return obj
 
 
-def load_records(config: DataConfig) -> Records:
+def load_records(config: DataConfig | PtxDataConfig) -> Records:
     """Reads the dataset named by `config` into columns (`{name: [value per row]}`).
 
     Raises:
@@ -373,6 +374,64 @@ def load_prompts(
 ) -> PromptDataset:
     """`load_records` + `tokenize_prompts`."""
     return tokenize_prompts(load_records(config), tokenizer, config, extra_columns=extra_columns)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextDataset:
+    """Tokenized text rows, right-padded to a fixed length (the PPO-ptx pretraining data).
+
+    Attributes:
+      tokens: int32 `[N, S]`, pad id on the right.
+      mask: bool `[N, S]`, True on real tokens (every row has at least 2).
+      num_truncated: texts cut to the first S tokens. num_dropped: texts of fewer than 2 tokens.
+    """
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    num_truncated: int = 0
+    num_dropped: int = 0
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def load_texts(config: PtxDataConfig, tokenizer: Any) -> TextDataset:
+    """Reads `config.column` of the dataset and tokenizes it, right-padded to `max_length`.
+
+    Raises:
+      DataError: unreadable dataset, missing column (the message lists the available ones),
+        non-string values, or no row with at least 2 tokens.
+    """
+    records = load_records(config)
+    if config.column not in records:
+        raise DataError(
+            f"ptx_data: dataset {config.path!r} has no column {config.column!r}; available "
+            f"columns: {sorted(records)} (set ptx_data.column)"
+        )
+    values = records[config.column]
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise DataError(
+                f"ptx_data: row {i} of column {config.column!r} holds {type(v).__name__}, not text"
+            )
+    encoded = tokenizer(list(values), add_special_tokens=config.add_special_tokens)["input_ids"]
+    rows = [ids[: config.max_length] for ids in encoded if len(ids) >= 2]
+    if not rows:
+        raise DataError(
+            f"ptx_data: none of the {len(values)} texts of {config.path!r} has 2 tokens or more"
+        )
+    length, pad = config.max_length, int(tokenizer.pad_token_id)
+    tokens = np.full((len(rows), length), pad, np.int32)
+    mask = np.zeros((len(rows), length), bool)
+    for r, ids in enumerate(rows):
+        tokens[r, : len(ids)] = ids
+        mask[r, : len(ids)] = True
+    return TextDataset(
+        tokens=tokens,
+        mask=mask,
+        num_truncated=sum(len(ids) > length for ids in encoded),
+        num_dropped=len(encoded) - len(rows),
+    )
 
 
 # ----------------------------------------------------------------------------------- batching

@@ -253,9 +253,9 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
             reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
         )
 
-    def finish(state, roll, scores, key):
+    def finish(state, roll, scores, key, ptx=None):
         exp, exp_metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=ppo_config)
-        return ppo.finish_iteration(state, exp, exp_metrics, key, **kwargs)
+        return ppo.finish_iteration(state, exp, exp_metrics, key, ptx=ptx, **kwargs)
 
     return _Programs(
         state_sh,
@@ -292,6 +292,7 @@ class _Setup:
     checkpointer: ckpt.Checkpointer
     resume_step: int | None
     reward_fn: RewardHook | None
+    ptx_dataset: data.TextDataset | None = None
 
 
 def open_checkpointer(
@@ -339,6 +340,25 @@ def _check_mesh(config: cfg.PPORunConfig, devices: Sequence[Any]) -> None:
         raise SetupError(
             f"ppo.batch_size={batch} must divide over the {jax.process_count()} processes"
         )
+    if config.ptx_data is not None:
+        rows = ptx_rows(config)
+        parts = config.ppo.num_mini_batches * config.ppo.gradient_accumulation_steps
+        for what, n in (
+            ("num_mini_batches x gradient_accumulation_steps", parts),
+            ("the mesh's data x fsdp", shards),
+            ("the process count", jax.process_count()),
+        ):
+            if rows % n:
+                raise SetupError(
+                    f"ptx_data.batch_size={rows} (rows of pretraining text per iteration) is not "
+                    f"divisible by {what} = {n}; set ptx_data.batch_size to a multiple of it"
+                )
+
+
+def ptx_rows(config: cfg.PPORunConfig) -> int:
+    """Rows of pretraining text per PPO-ptx iteration."""
+    assert config.ptx_data is not None
+    return config.ptx_data.batch_size or config.ppo.batch_size
 
 
 def prepare_ppo(
@@ -375,11 +395,6 @@ def prepare_ppo(
         )
     except ValueError as err:
         raise SetupError(f"models: {err}") from err
-    if config.ppo.ptx_coef:
-        raise SetupError(
-            f"ppo.ptx_coef={config.ppo.ptx_coef}: the trainer has no pretraining-data section for "
-            "PPO-ptx yet; set ppo.ptx_coef=0 (or call ppo.update with a PtxBatch yourself)"
-        )
     pad_id = int(tokenizer.pad_token_id)
     if config.ppo.pad_token_id not in (0, pad_id):
         raise SetupError(
@@ -398,6 +413,9 @@ def prepare_ppo(
     devices = list(devices) if devices is not None else jax.devices()
     _check_mesh(config, devices)
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
+    ptx_dataset = None
+    if config.ptx_data is not None:
+        ptx_dataset = data.load_texts(config.ptx_data, tokenizer)
     reward_fn = reward_hook(mc.reward_function) if mc.reward_function is not None else None
     run_dir = Path(config.run_dir).absolute()
     checkpointer = open_checkpointer(run_dir, config.checkpoint, resume)
@@ -413,6 +431,7 @@ def prepare_ppo(
         checkpointer=checkpointer,
         resume_step=checkpointer.latest_step() if resume else None,
         reward_fn=reward_fn,
+        ptx_dataset=ptx_dataset,
     )
 
 
@@ -523,9 +542,9 @@ def _train(setup: _Setup) -> TrainResult:
                 mesh,
             )
         key = jax.random.key(config.seed)
-        position = data.DataPosition()
+        position = ptx_position = data.DataPosition()
         if setup.resume_step is not None:
-            state, key, position = _restore(setup, programs, key)
+            state, key, position, ptx_position = _restore(setup, programs, key)
         else:
             state = programs.init(policy, value)
         del value
@@ -558,6 +577,18 @@ def _train(setup: _Setup) -> TrainResult:
     local = slice(
         jax.process_index() * rows_per_process, (jax.process_index() + 1) * rows_per_process
     )
+    ptx_ds = setup.ptx_dataset
+    if ptx_ds is not None:
+        ptx_size = ptx_rows(config)
+        ptx_per_process = ptx_size // jax.process_count()
+        ptx_local = slice(
+            jax.process_index() * ptx_per_process, (jax.process_index() + 1) * ptx_per_process
+        )
+        logger.message(
+            f"PPO-ptx: {len(ptx_ds)} texts of {config.ptx_data.path}, {ptx_size} per iteration"
+            + (f" ({ptx_ds.num_truncated} cut to max_length)" if ptx_ds.num_truncated else "")
+            + (f" ({ptx_ds.num_dropped} under 2 tokens dropped)" if ptx_ds.num_dropped else "")
+        )
     metrics: dict[str, float] = {}
     status = "finished" if end == total else "stopped"
     iteration = start
@@ -571,6 +602,24 @@ def _train(setup: _Setup) -> TrainResult:
                 prompts, mask = sharding.place_batch(
                     (ds.tokens[rows][local], ds.mask[rows][local]), mesh
                 )
+                ptx_batch = None
+                if ptx_ds is not None:
+                    ptx_rows_, next_ptx_position = data.batch_indices(
+                        len(ptx_ds),
+                        ptx_size,
+                        ptx_position,
+                        seed=config.seed + 1,
+                        shuffle=config.ptx_data.shuffle,
+                    )
+                    ptx_batch = ppo.PtxBatch(
+                        *sharding.place_batch(
+                            (
+                                ptx_ds.tokens[ptx_rows_][ptx_local],
+                                ptx_ds.mask[ptx_rows_][ptx_local],
+                            ),
+                            mesh,
+                        )
+                    )
                 key, iteration_key = jax.random.split(key)
                 rollout_key, update_key = jax.random.split(iteration_key)
                 with sharding.with_rules(mesh):
@@ -580,7 +629,9 @@ def _train(setup: _Setup) -> TrainResult:
                     else:
                         scores, reward_metrics = _host_scores(setup, roll, rows, iteration + 1)
                         scores = sharding.place_batch(scores[local], mesh)
-                    state, device_metrics = programs.finish(state, roll, scores, update_key)
+                    state, device_metrics = programs.finish(
+                        state, roll, scores, update_key, ptx_batch
+                    )
                     metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
                 metrics.update(reward_metrics)
                 iteration += 1
@@ -588,6 +639,8 @@ def _train(setup: _Setup) -> TrainResult:
                     release_host_memory()
                 ppo.check_finite(metrics, iteration)
                 position = next_position
+                if ptx_ds is not None:
+                    ptx_position = next_ptx_position
                 seconds = time.perf_counter() - t0
                 tokens = float(metrics.get("response/length_mean", 0.0)) * pc.batch_size
                 logger.log(
@@ -601,7 +654,7 @@ def _train(setup: _Setup) -> TrainResult:
                 stopping = stop.requested()
                 due = config.checkpoint.every and iteration % config.checkpoint.every == 0
                 if due or stopping or iteration == end:
-                    _save(setup, state, key, position, iteration)
+                    _save(setup, state, key, (position, ptx_position), iteration)
                 if stopping:
                     status = "interrupted"
                     logger.message(
@@ -696,10 +749,14 @@ def _items(state: ppo.PPOState, key_data: Any) -> dict[str, Any]:
     }
 
 
-def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, position, iteration: int) -> None:
+def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iteration: int) -> None:
+    """`positions`: the `DataPosition`s of the prompts and of the PPO-ptx texts."""
+    position, ptx_position = positions
     meta = {
         "algorithm": "ppo",
         "data_position": [int(position.epoch), int(position.index)],
+        "ptx_data_position": [int(ptx_position.epoch), int(ptx_position.index)],
+        "num_ptx_texts": len(setup.ptx_dataset) if setup.ptx_dataset is not None else 0,
         "rng_impl": str(jax.random.key_impl(key)),
         "models": {
             "policy": ckpt.model_config_to_dict(setup.ppo_models.policy),
@@ -726,6 +783,12 @@ def _restore(setup: _Setup, programs: _Programs, key: jax.Array):
             f"the checkpoint was written with {meta.get('num_prompts')} prompts but the dataset "
             f"now has {len(setup.dataset)}; resume with the same data section"
         )
+    num_ptx = len(setup.ptx_dataset) if setup.ptx_dataset is not None else 0
+    if meta.get("num_ptx_texts", 0) != num_ptx:
+        raise SetupError(
+            f"the checkpoint was written with {meta.get('num_ptx_texts', 0)} PPO-ptx texts but "
+            f"ptx_data now has {num_ptx}; resume with the same ptx_data section"
+        )
     train_state = items["train_state"]
     state = ppo.PPOState(
         policy_params=items["policy"],
@@ -737,7 +800,8 @@ def _restore(setup: _Setup, programs: _Programs, key: jax.Array):
         episode=train_state["episode"],
     )
     restored_key = jax.random.wrap_key_data(train_state["rng"], impl=meta["rng_impl"])
-    return state, restored_key, data.DataPosition(*meta["data_position"])
+    ptx_position = data.DataPosition(*meta.get("ptx_data_position", (0, 0)))
+    return state, restored_key, data.DataPosition(*meta["data_position"]), ptx_position
 
 
 # -------------------------------------------------------------------------------- generation

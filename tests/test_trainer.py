@@ -283,6 +283,35 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
 # ----------------------------------------------------------------------- errors before compute
 
 
+PTX = ("ppo.ptx_coef=0.5", f"ptx_data.path={DATA / 'pretrain.jsonl'}", "ptx_data.max_length=12")
+
+
+def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir, tmp_path, capsys):
+    """PPO-ptx through the trainer: every iteration reports a finite LM loss on the pretraining
+    texts, and 1 iteration + resume + 2 gives the metrics of 3 straight (the ptx data position is
+    checkpointed)."""
+    straight = trainer.train_ppo(load(inputs, tmp_path / "a", cache_dir, "stop_after=3", *PTX))
+    assert (straight.status, straight.iteration) == ("stopped", 3)
+    records = logging.read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    ptx = [r["loss/ptx_avg"] for r in records]
+    assert len(ptx) == 3 and all(math.isfinite(v) and v > 0 for v in ptx)
+    # 12 texts: one of a single token is dropped, three are cut to 12 tokens.
+    err = capsys.readouterr().err
+    assert "PPO-ptx: 11 texts" in err and "8 per iteration (3 cut to max_length)" in err
+    split = tmp_path / "b"
+    trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=1", *PTX))
+    trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=3", *PTX), resume=True)
+    assert (split / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
+    # Resuming with different pretraining data is refused.
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"text": "the cat sat on the mat"}\n')
+    with pytest.raises(trainer.SetupError, match="2? ?PPO-ptx texts but ptx_data now has 1"):
+        trainer.train_ppo(
+            load(inputs, split, cache_dir, "stop_after=4", *PTX, f"ptx_data.path={other}"),
+            resume=True,
+        )
+
+
 def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, monkeypatch):
     from hf_utils import tiny_hf_model
 
@@ -313,6 +342,11 @@ def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, m
         (["ppo.pad_token_id=5"], "differs from the tokenizer's pad token id 0"),
         (["data.column=text"], "no column 'text'; available columns: \\['answer', 'prompt'\\]"),
         (["tokenizer.extra_stop_tokens=[zebra]"], "'zebra' is not a single token"),
+        (["ppo.ptx_coef=0.5"], "ppo.ptx_coef=0.5 needs pretraining text: set ptx_data.path"),
+        ([PTX[1]], "ptx_data is set but ppo.ptx_coef=0"),
+        ([*PTX, "ptx_data.batch_size=4"], "ptx_data.batch_size=4 .* not divisible by the mesh"),
+        ([*PTX, "ptx_data.batch_size=9"], "ptx_data.batch_size=9 .* num_mini_batches x grad"),
+        ([*PTX, "ptx_data.column=body"], "no column 'body'; available columns: \\['text'\\]"),
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
