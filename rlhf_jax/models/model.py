@@ -339,6 +339,15 @@ def _remat_policy(config: ModelConfig):
     return None if config.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
+def _full_pass_inputs(config: ModelConfig, positions_BT: jax.Array, mask_BT: jax.Array):
+    """RoPE tables (None for learned positions) and the `[B, T, T]` mask of a full pass: query
+    `i` attends to keys `j <= i` with `mask[j]`."""
+    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
+    t = mask_BT.shape[1]
+    causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    return rope, causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+
+
 class Transformer(nn.Module):
     """Decoder LM; `__call__` gives final-normed hidden states, `logits`/`scores` the heads."""
 
@@ -390,10 +399,7 @@ class Transformer(nn.Module):
         """Full pass (no cache): each query attends to keys `j <= i` with `mask[j]`."""
         c = self.config
         h = self.embed_tokens(tokens_BT, positions_BT)
-        rope = _rope_tables(c, positions_BT) if c.positions == "rope" else None
-        t = tokens_BT.shape[1]
-        causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-        allowed_BTS = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+        rope, allowed_BTS = _full_pass_inputs(c, positions_BT, mask_BT)
         layer_ids = jnp.arange(c.num_layers)
         h, _ = self.layers(h, (layer_ids, None), rope, allowed_BTS, None)
         return self.final_norm(h)
@@ -527,10 +533,7 @@ def _unrolled_full_pass(
     the backward pass writes each weight gradient once instead of summing per-layer pads."""
     model, variables = Transformer(config), {"params": params}
     h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
-    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
-    t = tokens_BT.shape[1]
-    causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    allowed_BTS = causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+    rope, allowed_BTS = _full_pass_inputs(config, positions_BT, mask_BT)
     n = config.num_layers
     split = jax.tree.map(lambda w: jnp.split(w, n, axis=0), params["layers"])
     block = Block(config)
