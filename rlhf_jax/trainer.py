@@ -204,11 +204,6 @@ class _Programs(NamedTuple):
     finish: Callable[..., tuple[ppo.PPOState, dict[str, jax.Array]]]
 
 
-def _param_shardings(config: models.ModelConfig, mesh) -> Params:
-    abstract = jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
-    return sharding.logical_to_sharding(models.logical_axes(config), abstract, mesh)
-
-
 @functools.cache
 def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Programs:
     """The jitted pieces of an iteration (cached: runs with the same configs and mesh share
@@ -220,26 +215,14 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
         state, metrics = finish(state, roll, scores, update_key)       # build_experience +
                                                                        # finish_iteration
     """
-    rep = sharding.replicated(mesh)
-    policy = _param_shardings(ppo_models.policy, mesh)
-    value = _param_shardings(ppo_models.value, mesh)
+    shardings = ppo.ppo_shardings(ppo_config, ppo_models, mesh)
+    state_sh, rep = shardings.state, shardings.replicated
     abstract_params = functools.partial(jax.eval_shape, models.init_params)
     init_fn = lambda p, v: ppo.init_state(p, v, ppo_config)
     abstract = jax.eval_shape(
         init_fn,
         abstract_params(ppo_models.policy, jax.random.key(0)),
         abstract_params(ppo_models.value, jax.random.key(0)),
-    )
-    state_sh = ppo.PPOState(
-        policy_params=policy,
-        value_params=value,
-        policy_opt_state=sharding.optimizer_state_shardings(
-            abstract.policy_opt_state, policy, mesh
-        ),
-        value_opt_state=sharding.optimizer_state_shardings(abstract.value_opt_state, value, mesh),
-        kl=jax.tree.map(lambda _: rep, abstract.kl),
-        iteration=rep,
-        episode=rep,
     )
     kwargs = dict(config=ppo_config, ppo_models=ppo_models)
 
