@@ -1046,15 +1046,81 @@ def iteration(
     )
 
 
-def jit_iteration(config: CriticFreeConfig, cf_models: CriticFreeModels, **jit_kwargs: Any):
-    """`iteration` jitted with the configs bound and the state donated."""
+class CriticFreeShardings(NamedTuple):
+    """Shardings of an iteration's inputs and outputs on a mesh (see `critic_free_shardings`)."""
+
+    state: CriticFreeState
+    frozen: CriticFreeFrozen
+    replicated: jax.sharding.NamedSharding
+
+
+def critic_free_shardings(
+    config: CriticFreeConfig,
+    cf_models: CriticFreeModels,
+    mesh: jax.sharding.Mesh,
+    rules: tuple[tuple[str, Any], ...] | None = None,
+) -> CriticFreeShardings:
+    """Shardings on `mesh` (shapes only; nothing is computed): the policy, reference and reward
+    params and the optimiser moments by the models' logical axes; the KL state, counters, key
+    and metrics replicated. Prompts are replicated too (`N x P` ints): the rows are split over
+    `("data", "fsdp")` after the group expansion, by the models' activation constraints, so
+    `num_prompts` need not divide the mesh."""
+    from rlhf_jax import sharding as sh
+
+    policy = sh.param_shardings(cf_models.policy, mesh, rules)
+    abstract_policy = jax.eval_shape(
+        lambda k: models.init_params(cf_models.policy, k), jax.random.key(0)
+    )
+    abstract = jax.eval_shape(lambda p: init_state(p, config), abstract_policy)
+    rep = sh.replicated(mesh)
+    state = CriticFreeState(
+        policy_params=policy,
+        opt_state=sh.optimizer_state_shardings(abstract.opt_state, policy, mesh),
+        kl=jax.tree.map(lambda _: rep, abstract.kl),
+        iteration=rep,
+        episode=rep,
+    )
+    reward = None
+    if cf_models.reward is not None:
+        reward = sh.param_shardings(cf_models.reward, mesh, rules)
+    frozen = CriticFreeFrozen(ref=policy if config.core().needs_ref else None, reward=reward)
+    return CriticFreeShardings(state=state, frozen=frozen, replicated=rep)
+
+
+def jit_iteration(
+    config: CriticFreeConfig,
+    cf_models: CriticFreeModels,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: tuple[tuple[str, Any], ...] | None = None,
+    **jit_kwargs: Any,
+):
+    """`iteration` jitted with the configs bound and the state donated:
+    `fn(state, frozen, prompts_NP, prompt_mask_NP, key) -> (state, metrics)`.
+
+    With a `mesh` the inputs and outputs get the shardings of `critic_free_shardings` and the
+    function is traced inside `sharding.with_rules(mesh, rules)`; the returned state keeps the
+    input state's shardings. Statistics (group baselines, whitening, metric means) are over the
+    global batch."""
+    from rlhf_jax import sharding as sh
 
     def fn(state, frozen, prompts_NP, prompt_mask_NP, key):
         return iteration(
             state, frozen, prompts_NP, prompt_mask_NP, key, config=config, cf_models=cf_models
         )
 
-    return jax.jit(fn, donate_argnums=(0,), **jit_kwargs)
+    if mesh is None:
+        return sh.jit_with_rules(fn, None, rules, donate_argnums=(0,), **jit_kwargs)
+    s = critic_free_shardings(config, cf_models, mesh, rules)
+    rep = s.replicated
+    return sh.jit_with_rules(
+        fn,
+        mesh,
+        rules,
+        in_shardings=(s.state, s.frozen, rep, rep, rep),
+        out_shardings=(s.state, rep),
+        donate_argnums=(0,),
+        **jit_kwargs,
+    )
 
 
 ScoreFn = Callable[[GroupRollout], Any]

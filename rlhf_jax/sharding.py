@@ -66,6 +66,7 @@ __all__ = [
     "optimizer_state_shardings",
     "param_shardings",
     "place_batch",
+    "place_replicated",
     "replicated",
     "shard_params",
     "sharded_init",
@@ -453,6 +454,22 @@ def place_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
     return jax.tree.map(place, batch)
+
+
+def place_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Put a pytree of host arrays (or PRNG keys) on every device of ``mesh`` (a full copy each).
+    In a multi-process run every process passes the same values."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def place(x: Any) -> jax.Array:
+        if jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+            data = _replicate_global(jax.random.key_data(x), sharding)
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return _replicate_global(x, sharding)
+
+    return jax.tree.map(place, tree)
 
 
 def _replicate_global(x: Any, sharding: NamedSharding) -> jax.Array:

@@ -1,9 +1,9 @@
 """`rlhf-jax train rloo | grpo | reinforce++`: the critic-free algorithms as runs.
 
-Same configs, prompt data, Orbax checkpoints (exact resume of state, PRNG key and data position)
-and logging as `train ppo`; no value model is built. Rewards come from a reward model
-(`models.reward`), a Python function (`models.reward_function = "module:function"`), or both
-(the function's reward plus the model's score). The policy is exported in HF format to
+Same configs, prompt data, device mesh, Orbax checkpoints (exact resume of state, PRNG key and
+data position) and logging as `train ppo`; no value model is built. Rewards come from a reward
+model (`models.reward`), a Python function (`models.reward_function = "module:function"`), or
+both (the function's reward plus the model's score). The policy is exported in HF format to
 `run_dir/policy` at the end.
 """
 
@@ -26,6 +26,7 @@ from rlhf_jax.ppo import check_finite
 from rlhf_jax.trainer import (
     SetupError,
     TrainResult,
+    load_params,
     open_checkpointer,
     read_model_config,
     resolve_model_path,
@@ -44,6 +45,7 @@ class _CriticFreeRun:
     data: cfg.DataConfig
     logging: cfg.LoggingConfig = dataclasses.field(default_factory=cfg.LoggingConfig)
     checkpoint: cfg.CheckpointConfig = dataclasses.field(default_factory=cfg.CheckpointConfig)
+    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
 
     def algorithm(self) -> cf.CriticFreeConfig:
         raise NotImplementedError
@@ -111,17 +113,23 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     except ValueError as err:
         raise SetupError(f"algorithm: {err}") from err
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
+    try:
+        mesh = sharding.make_mesh(config.mesh, jax.devices())
+    except ValueError as err:
+        raise SetupError(f"mesh: {err}") from err
     run_dir = Path(config.run_dir).absolute()
     checkpointer = open_checkpointer(run_dir, config.checkpoint, resume)
     latest = checkpointer.latest_step()
 
-    policy, _ = models.load(policy_path, dtype=mc.param_dtype, allow_pickle=mc.allow_pickle)
+    # Params load shard by shard onto the mesh; the state is born with its shardings.
+    policy = load_params(policy_path, policy_config, mesh, mc.allow_pickle)
     reward = None
     if reward_path is not None:
-        reward, _ = models.load(reward_path, dtype=mc.param_dtype, allow_pickle=mc.allow_pickle)
+        reward = load_params(reward_path, reward_config, mesh, mc.allow_pickle)
     cf_models = cf.CriticFreeModels(policy=policy_config, reward=reward_config)
     frozen = cf.CriticFreeFrozen(ref=policy if algo.core().needs_ref else None, reward=reward)
-    state = cf.init_state(policy, algo)
+    shardings = cf.critic_free_shardings(algo, cf_models, mesh)
+    state = jax.jit(lambda p: cf.init_state(p, algo), out_shardings=shardings.state)(policy)
     key = jax.random.key(config.seed)
     position = data.DataPosition()
     if latest is not None:
@@ -136,11 +144,18 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     if mc.reward_function is not None:
         terms = rf.reward_terms([mc.reward_function])
         decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        rep = shardings.replicated
         step = cf.make_host_iteration(
-            algo, cf_models, rf.make_score_fn(terms, decode, algo.group_size)
+            algo,
+            cf_models,
+            rf.make_score_fn(terms, decode, algo.group_size),
+            rollout_jit_kwargs=dict(
+                in_shardings=(shardings.state, shardings.frozen, rep, rep, rep)
+            ),
+            update_jit_kwargs=dict(out_shardings=(shardings.state, rep)),
         )
     else:
-        step = cf.jit_iteration(algo, cf_models)
+        step = cf.jit_iteration(algo, cf_models, mesh)
     main = sharding.is_main_process()
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -161,12 +176,17 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
             len(dataset), algo.num_prompts, position, seed=config.seed, shuffle=config.data.shuffle
         )
         key, step_key = jax.random.split(key)
-        args = (state, frozen, dataset.tokens[rows], dataset.mask[rows], step_key)
-        if mc.reward_function is not None:
-            columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
-            state, out = step(*args, [dataset.texts[i] for i in rows], columns)
-        else:
-            state, out = step(*args)
+        args = (
+            state,
+            frozen,
+            *sharding.place_replicated((dataset.tokens[rows], dataset.mask[rows], step_key), mesh),
+        )
+        with sharding.with_rules(mesh):
+            if mc.reward_function is not None:
+                columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
+                state, out = step(*args, [dataset.texts[i] for i in rows], columns)
+            else:
+                state, out = step(*args)
         check_finite(out, iteration)
         if iteration == start + 1:  # compiled now
             release_host_memory()

@@ -184,7 +184,7 @@ def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Param
     )
 
 
-def _load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
+def load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
     """Weights of `path` in `config.param_dtype`, loaded shard by shard onto the mesh."""
     params, _ = sharding.load_sharded(
         path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle
@@ -510,12 +510,12 @@ def _train(setup: _Setup) -> TrainResult:
     mc = config.models
 
     with sharding.with_rules(mesh):
-        policy = _load_params(setup.paths["policy"], pm.policy, mesh, mc.allow_pickle)
+        policy = load_params(setup.paths["policy"], pm.policy, mesh, mc.allow_pickle)
         reward = None
         if "reward" in setup.paths:
-            reward = _load_params(setup.paths["reward"], pm.reward, mesh, mc.allow_pickle)
+            reward = load_params(setup.paths["reward"], pm.reward, mesh, mc.allow_pickle)
         if "value" in setup.paths:
-            value = _load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
+            value = load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
         elif reward is not None:
             value = reward  # init_state copies it (models.value_from_reward semantics)
         else:

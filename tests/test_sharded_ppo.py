@@ -246,6 +246,53 @@ def test_ppo_iteration_matches_single_device(name):
     assert int(state.iteration) == 1 and int(state.episode) == CONFIG.batch_size
 
 
+@pytest.mark.parametrize("name", ["8x1x1", "2x2x2"])
+def test_grpo_iteration_matches_single_device(name):
+    """A critic-free iteration (GRPO with a reward model and a KL term) on a mesh equals the
+    single-device one. 4 prompts x 4 completions on 8 devices: the prompts are replicated and
+    the 16 rows split after the group expansion, so num_prompts need not divide the mesh."""
+    from rlhf_jax import critic_free as cf
+
+    config = cf.GRPOConfig(
+        num_prompts=4,
+        num_generations=4,
+        response_length=6,
+        temperature=1.0,
+        stop_token_ids=(2,),
+        num_iterations=2,
+        num_mini_batches=2,
+        beta=0.04,
+        learning_rate=1e-3,
+    )
+    cf_models = cf.CriticFreeModels(policy=POLICY, reward=REWARD)
+    ref = reference()
+    prompts, mask = PROMPTS[:4], PROMPT_MASK[:4]
+    key = jax.random.key(5)
+
+    def run(mesh):
+        frozen = cf.CriticFreeFrozen(ref=ref["policy"], reward=ref["reward"])
+        state = cf.init_state(ref["policy"], config)
+        if mesh is not None:
+            s = cf.critic_free_shardings(config, cf_models, mesh)
+            frozen, state = jax.device_put((frozen, state), (s.frozen, s.state))
+        step = cf.jit_iteration(config, cf_models, mesh)
+        return step(state, frozen, prompts, mask, key)
+
+    want_state, want_metrics = run(None)
+    mesh = sh.make_mesh(MESHES[name])
+    got_state, got_metrics = run(mesh)
+    # The state keeps the documented shardings (params and moments by the rules).
+    want_sh = cf.critic_free_shardings(config, cf_models, mesh).state
+    got_sh = jax.tree.map(lambda x: x.sharding, got_state)
+    assert jax.tree.leaves(got_sh) == jax.tree.leaves(want_sh)
+    if name == "2x2x2":
+        kernel = got_state.policy_params["layers"]["mlp"]["up"]["kernel"]
+        assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    chex.assert_trees_all_close(host(got_state), host(want_state), **TOL)
+    chex.assert_trees_all_close(host(got_metrics), host(want_metrics), **TOL)
+    assert float(want_metrics["loss/policy_avg"]) != 0.0
+
+
 def test_second_iteration_reuses_the_compiled_step():
     out, cache_size, state = two_iterations_on_2x2x2()
     assert cache_size == 1  # the returned state is a valid input: same shardings, no retrace

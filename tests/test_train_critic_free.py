@@ -69,3 +69,14 @@ def test_reward_model_algorithms_run(tiny, algo, key):
     assert cli.main(["train", algo, *args(run_dir, paths, prompts, key, *extra)]) == 0
     records = iterations(run_dir)
     assert [r["iteration"] for r in records] == [1, 2], records
+
+
+def test_mesh_is_checked_before_loading(tiny, capsys):
+    """The critic-free runs take the same `mesh` section as `train ppo` (default: all devices on
+    data); an impossible mesh is a setup error, exit status 2."""
+    root, paths, prompts = tiny
+    reward = "models.reward_function=rlhf_jax.reward_functions:length_reward"
+    run = args(root / "bad_mesh", paths, prompts, "rloo", reward, "mesh.data=3")
+    assert cli.main(["train", "rloo", *run]) == 2
+    assert "mesh: MeshConfig" in capsys.readouterr().err
+    assert not (root / "bad_mesh" / "checkpoints").exists()
