@@ -30,6 +30,7 @@ from rlhf_jax.trainer import (
     open_checkpointer,
     read_model_config,
     resolve_model_path,
+    to_host,
 )
 
 
@@ -145,10 +146,12 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         terms = rf.reward_terms([mc.reward_function])
         decode = functools.partial(tokenizer.decode, skip_special_tokens=True)
         rep = shardings.replicated
+        score_fn = rf.make_score_fn(terms, decode, algo.group_size)
         step = cf.make_host_iteration(
             algo,
             cf_models,
-            rf.make_score_fn(terms, decode, algo.group_size),
+            # The rollout is sharded over the mesh (and over processes): score its global values.
+            lambda roll, *args, **kwargs: score_fn(to_host(roll), *args, **kwargs),
             rollout_jit_kwargs=dict(
                 in_shardings=(shardings.state, shardings.frozen, rep, rep, rep)
             ),
@@ -200,8 +203,9 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                 {"data_position": list(position)},
             )
     checkpointer.close()
+    policy_params = to_host(state.policy_params)  # every process takes part in the gather
     if main:
-        models.hf.save(state.policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer)
+        models.hf.save(policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer)
         logger.message(f"exported the policy to {run_dir / 'policy'}")
     logger.close()
     return TrainResult(run_dir, total, "finished", metrics, checkpointer.directory / str(total))

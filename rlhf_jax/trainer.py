@@ -250,7 +250,7 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
     )
 
 
-def _to_host(tree: Any) -> Any:
+def to_host(tree: Any) -> Any:
     """Numpy copies of (possibly sharded, multi-process) arrays: the global values."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -615,7 +615,7 @@ def _train(setup: _Setup) -> TrainResult:
                     state, device_metrics = programs.finish(
                         state, roll, scores, update_key, ptx_batch
                     )
-                    metrics = {k: float(v) for k, v in _to_host(device_metrics).items()}
+                    metrics = {k: float(v) for k, v in to_host(device_metrics).items()}
                 metrics.update(reward_metrics)
                 iteration += 1
                 if iteration == start + 1:  # the programs are compiled now
@@ -682,7 +682,7 @@ def _host_scores(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Decodes the rollout and calls the host reward function: float32 `[B]` scores (global
     batch) and the reward function's metrics."""
-    gen = _to_host(roll.generation)
+    gen = to_host(roll.generation)
     tokens, response_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
     ds, tok = setup.dataset, setup.tokenizer
     prompt_tokens = [ds.tokens[r][ds.mask[r]].tolist() for r in rows]
@@ -702,12 +702,12 @@ def _sample_rows(
     setup: _Setup, rows: np.ndarray, roll: ppo.Rollout, scores: Any
 ) -> list[dict[str, Any]]:
     n = setup.config.logging.num_samples
-    gen = _to_host(roll.generation)
+    gen = to_host(roll.generation)
     responses, mask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask, bool)[:n]
     texts = setup.tokenizer.batch_decode(
         [r[m].tolist() for r, m in zip(responses, mask)], skip_special_tokens=True
     )
-    scores = np.asarray(_to_host(scores))[:n]
+    scores = np.asarray(to_host(scores))[:n]
     return [
         {"prompt": setup.dataset.texts[r], "completion": t, "score": float(s)}
         for r, t, s in zip(rows[:n], texts, scores)
