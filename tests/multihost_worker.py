@@ -225,6 +225,65 @@ def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
     return out
 
 
+def grpo_problem() -> dict[str, Any]:
+    """GRPO (reward model, KL term) on `ppo_problem`'s models and first 4 prompts: 4 prompts x 4
+    completions, so the prompts (replicated) do not divide the 8-device mesh but the rows do."""
+    from rlhf_jax import critic_free as cf
+
+    problem = ppo_problem()
+    models_ = problem["ppo_models"]
+    config = cf.GRPOConfig(
+        num_prompts=4,
+        num_generations=4,
+        response_length=6,
+        temperature=1.0,
+        stop_token_ids=(2,),
+        num_iterations=2,
+        num_mini_batches=2,
+        beta=0.04,
+        learning_rate=1e-3,
+    )
+    return {
+        "config": config,
+        "cf_models": cf.CriticFreeModels(policy=models_.policy, reward=models_.reward),
+        "prompts": problem["prompts"][:4],
+        "prompt_mask": problem["prompt_mask"][:4],
+    }
+
+
+def grpo_run(mesh: Any) -> dict[str, np.ndarray]:
+    """Two GRPO iterations on `mesh` (params born sharded, prompts replicated); every process of
+    a multi-process run calls it. Returns the metrics (`"{i}/{name}"`) and the global sum of
+    squares of the final policy."""
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax import critic_free as cf
+    from rlhf_jax import sharding as sh
+
+    problem = grpo_problem()
+    config, cf_models = problem["config"], problem["cf_models"]
+    policy = sh.sharded_init_params(cf_models.policy, jax.random.key(0), mesh)
+    reward = ppo_scale_reward(sh.sharded_init_params(cf_models.reward, jax.random.key(1), mesh))
+    shardings = cf.critic_free_shardings(config, cf_models, mesh)
+    state = jax.jit(lambda p: cf.init_state(p, config), out_shardings=shardings.state)(policy)
+    frozen = cf.CriticFreeFrozen(ref=policy, reward=reward)
+    step = cf.jit_iteration(config, cf_models, mesh)
+    out = {}
+    for i in range(2):
+        batch = sh.place_replicated(
+            (problem["prompts"], problem["prompt_mask"], ppo_iteration_key(i)), mesh
+        )
+        state, metrics = step(state, frozen, *batch)
+        out |= {f"{i}/{k}": np.asarray(v.addressable_data(0)) for k, v in metrics.items()}
+    sq = jax.jit(
+        lambda p: sum(jnp.sum(x**2) for x in jax.tree.leaves(p)),
+        out_shardings=sh.replicated(mesh),
+    )(state.policy_params)
+    out["policy_sq_sum"] = np.asarray(sq.addressable_data(0))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
@@ -260,9 +319,20 @@ def task_ppo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     return out if sh.is_main_process() else None
 
 
+def task_grpo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    import jax
+
+    from rlhf_jax import sharding as sh
+
+    out = grpo_run(sh.make_mesh(sh.MeshConfig(**PPO_MESH_SIZES)))
+    out["process_count"] = np.asarray(jax.process_count())
+    return out if sh.is_main_process() else None
+
+
 TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
     "reduce": task_reduce,
     "ppo": task_ppo,
+    "grpo": task_grpo,
 }
 
 

@@ -352,6 +352,24 @@ def test_local_batch_slice():
         sh.local_batch_slice(mesh, 6)
 
 
+@pytest.mark.slow  # two fresh processes compile the critic-free iteration
+def test_grpo_two_processes_match_one_process(tmp_path):
+    """GRPO on a 2x2x2 mesh held by 2 processes x 4 devices (replicated prompts, rows split
+    after the group expansion) gives the metrics and final policy of this process's 2x2x2 run."""
+    workers = multihost_worker.launch(
+        "grpo", tmp_path, num_processes=2, local_devices=multihost_worker.PPO_LOCAL_DEVICES
+    )
+    try:
+        expected = multihost_worker.grpo_run(sh.make_mesh(MESHES["2x2x2"]))
+    finally:
+        results = multihost_worker.wait_or_fail(workers, timeout=600.0)
+    got = results[0]
+    assert results[1] is None and int(got["process_count"]) == 2
+    assert float(expected["0/loss/policy_avg"]) != 0.0
+    for key, want in expected.items():
+        np.testing.assert_allclose(got[key], want, **TOL, err_msg=key)
+
+
 MULTIPROCESS_TEST = "test_two_processes_match_one_process"
 
 
