@@ -246,7 +246,7 @@ def test_ppo_iteration_matches_single_device(name):
     assert int(state.iteration) == 1 and int(state.episode) == CONFIG.batch_size
 
 
-@pytest.mark.parametrize("name", ["8x1x1", "2x2x2"])
+@pytest.mark.parametrize("name", [pytest.param("8x1x1", marks=pytest.mark.slow), "2x2x2"])
 def test_grpo_iteration_matches_single_device(name):
     """A critic-free iteration (GRPO with a reward model and a KL term) on a mesh equals the
     single-device one. 4 prompts x 4 completions on 8 devices: the prompts are replicated and
