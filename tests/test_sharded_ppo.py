@@ -253,20 +253,10 @@ def test_grpo_iteration_matches_single_device(name):
     the 16 rows split after the group expansion, so num_prompts need not divide the mesh."""
     from rlhf_jax import critic_free as cf
 
-    config = cf.GRPOConfig(
-        num_prompts=4,
-        num_generations=4,
-        response_length=6,
-        temperature=1.0,
-        stop_token_ids=(2,),
-        num_iterations=2,
-        num_mini_batches=2,
-        beta=0.04,
-        learning_rate=1e-3,
-    )
-    cf_models = cf.CriticFreeModels(policy=POLICY, reward=REWARD)
+    problem = multihost_worker.grpo_problem()
+    config, cf_models = problem["config"], problem["cf_models"]
     ref = reference()
-    prompts, mask = PROMPTS[:4], PROMPT_MASK[:4]
+    prompts, mask = problem["prompts"], problem["prompt_mask"]
     key = jax.random.key(5)
 
     def run(mesh):
