@@ -556,17 +556,11 @@ def _train(setup: _Setup) -> TrainResult:
             + ", ".join(changed)
             + "; the continuation will not match an uninterrupted run"
         )
-    rows_per_process = pc.batch_size // jax.process_count()
-    local = slice(
-        jax.process_index() * rows_per_process, (jax.process_index() + 1) * rows_per_process
-    )
+    local = sharding.local_batch_slice(mesh, pc.batch_size)
     ptx_ds = setup.ptx_dataset
     if ptx_ds is not None:
         ptx_size = ptx_rows(config)
-        ptx_per_process = ptx_size // jax.process_count()
-        ptx_local = slice(
-            jax.process_index() * ptx_per_process, (jax.process_index() + 1) * ptx_per_process
-        )
+        ptx_local = sharding.local_batch_slice(mesh, ptx_size)
         logger.message(
             f"PPO-ptx: {len(ptx_ds)} texts of {config.ptx_data.path}, {ptx_size} per iteration"
             + (f" ({ptx_ds.num_truncated} cut to max_length)" if ptx_ds.num_truncated else "")
@@ -587,7 +581,7 @@ def _train(setup: _Setup) -> TrainResult:
                 )
                 ptx_batch = None
                 if ptx_ds is not None:
-                    ptx_rows_, next_ptx_position = data.batch_indices(
+                    ptx_batch_rows, next_ptx_position = data.batch_indices(
                         len(ptx_ds),
                         ptx_size,
                         ptx_position,
@@ -597,8 +591,8 @@ def _train(setup: _Setup) -> TrainResult:
                     ptx_batch = ppo.PtxBatch(
                         *sharding.place_batch(
                             (
-                                ptx_ds.tokens[ptx_rows_][ptx_local],
-                                ptx_ds.mask[ptx_rows_][ptx_local],
+                                ptx_ds.tokens[ptx_batch_rows][ptx_local],
+                                ptx_ds.mask[ptx_batch_rows][ptx_local],
                             ),
                             mesh,
                         )
