@@ -1,7 +1,8 @@
 """`rlhf-jax train rloo | grpo | reinforce++`: the critic-free algorithms as runs.
 
 Same configs, prompt data, device mesh, Orbax checkpoints (exact resume of state, PRNG key and
-data position) and logging as `train ppo`; no value model is built. Rewards come from a reward
+data position), `stop_after`, SIGINT/SIGTERM handling (finish the iteration, save, exit) and
+logging as `train ppo`; no value model is built. Rewards come from a reward
 model (`models.reward`), a Python function (`models.reward_function = "module:function"`), or
 both (the function's reward plus the model's score). The policy is exported in HF format to
 `run_dir/policy` at the end.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from pathlib import Path
 
 import jax
@@ -21,11 +23,13 @@ from rlhf_jax import critic_free as cf
 from rlhf_jax import data, models, sharding
 from rlhf_jax import reward_functions as rf
 from rlhf_jax._host import release_host_memory
-from rlhf_jax.logging import RunLogger
+from rlhf_jax.logging import METRICS_FILE, RunLogger, plot_run
 from rlhf_jax.ppo import check_finite
 from rlhf_jax.trainer import (
     SetupError,
+    StopRequest,
     TrainResult,
+    enable_compilation_cache,
     load_params,
     open_checkpointer,
     read_model_config,
@@ -41,12 +45,18 @@ class _CriticFreeRun:
 
     run_dir: str
     seed: int = 0
+    stop_after: int | None = None
+    compilation_cache: str | None = None
     models: cfg.ModelsConfig
     tokenizer: cfg.TokenizerConfig = dataclasses.field(default_factory=cfg.TokenizerConfig)
     data: cfg.DataConfig
     logging: cfg.LoggingConfig = dataclasses.field(default_factory=cfg.LoggingConfig)
     checkpoint: cfg.CheckpointConfig = dataclasses.field(default_factory=cfg.CheckpointConfig)
     mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+
+    def __post_init__(self) -> None:
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ValueError(f"stop_after must be >= 1 or null, got {self.stop_after}")
 
     def algorithm(self) -> cf.CriticFreeConfig:
         raise NotImplementedError
@@ -85,8 +95,11 @@ class ReinforcePPRunConfig(_CriticFreeRun):
 def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainResult:
     """Runs (or resumes) RLOO, GRPO or REINFORCE++ as configured.
 
-    Raises SetupError / DataError / ConfigError before any compute, `ppo.NonFiniteError` on
-    NaN/inf (nothing of that iteration is saved) and `RewardFunctionError` from reward functions.
+    Returns a `TrainResult` whose status is "finished" (the policy is exported to
+    `run_dir/policy`), "stopped" (`stop_after`) or "interrupted" (SIGINT/SIGTERM: the current
+    iteration is finished and saved). Raises SetupError / DataError / ConfigError before any
+    compute, `ppo.NonFiniteError` on NaN/inf (nothing of that iteration is saved) and
+    `RewardFunctionError` from reward functions.
     """
     mc = config.models
     policy_path = resolve_model_path(mc.policy, "models.policy")
@@ -160,10 +173,13 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     else:
         step = cf.jit_iteration(algo, cf_models, mesh)
     main = sharding.is_main_process()
+    if config.compilation_cache:
+        enable_compilation_cache(config.compilation_cache)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_config(config, run_dir / "config.yaml")
     start, total = int(state.iteration), algo.total_iterations
+    end = min(total, config.stop_after or total)
     logger = RunLogger(
         run_dir,
         config.logging,
@@ -172,43 +188,81 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         run_config=cfg.to_dict(config),
         enabled=main,
     )
-    logger.message(f"{len(dataset)} prompts x {algo.group_size} completions per prompt")
+    logger.message(
+        f"{len(dataset)} prompts x {algo.group_size} completions per prompt"
+        + (f"; resumed at iteration {start}" if latest is not None else "")
+    )
     metrics: dict[str, float] = {}
-    for iteration in range(start + 1, total + 1):
-        rows, position = data.batch_indices(
-            len(dataset), algo.num_prompts, position, seed=config.seed, shuffle=config.data.shuffle
-        )
-        key, step_key = jax.random.split(key)
-        args = (
-            state,
-            frozen,
-            *sharding.place_replicated((dataset.tokens[rows], dataset.mask[rows], step_key), mesh),
-        )
-        with sharding.with_rules(mesh):
-            if mc.reward_function is not None:
-                columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
-                state, out = step(*args, [dataset.texts[i] for i in rows], columns)
-            else:
-                state, out = step(*args)
-        check_finite(out, iteration)
-        if iteration == start + 1:  # compiled now
-            release_host_memory()
-        metrics = {k: float(v) for k, v in out.items()}
-        logger.log(iteration, metrics)
-        every = config.checkpoint.every
-        if (every and iteration % every == 0) or iteration == total:
-            checkpointer.save(
-                iteration,
-                {"state": state, "rng": {"key": jax.random.key_data(key)}},
-                {"data_position": list(position)},
-            )
-    checkpointer.close()
-    policy_params = to_host(state.policy_params)  # every process takes part in the gather
-    if main:
-        models.hf.save(policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer)
-        logger.message(f"exported the policy to {run_dir / 'policy'}")
-    logger.close()
-    return TrainResult(run_dir, total, "finished", metrics, checkpointer.directory / str(total))
+    status = "finished" if end == total else "stopped"
+    iteration = start
+    try:
+        with StopRequest() as stop:
+            while iteration < end:
+                t0 = time.perf_counter()
+                rows, position = data.batch_indices(
+                    len(dataset),
+                    algo.num_prompts,
+                    position,
+                    seed=config.seed,
+                    shuffle=config.data.shuffle,
+                )
+                key, step_key = jax.random.split(key)
+                batch = (dataset.tokens[rows], dataset.mask[rows], step_key)
+                args = (state, frozen, *sharding.place_replicated(batch, mesh))
+                with sharding.with_rules(mesh):
+                    if mc.reward_function is not None:
+                        columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
+                        state, out = step(*args, [dataset.texts[i] for i in rows], columns)
+                    else:
+                        state, out = step(*args)
+                iteration += 1
+                check_finite(out, iteration)
+                if iteration == start + 1:  # compiled now
+                    release_host_memory()
+                metrics = {k: float(v) for k, v in out.items()}
+                seconds = time.perf_counter() - t0
+                tokens = metrics.get("response/length_mean", 0.0) * algo.batch_size
+                logger.log(
+                    iteration,
+                    metrics,
+                    timings={"iteration_seconds": seconds, "tokens_per_second": tokens / seconds},
+                )
+                stopping = stop.requested()
+                due = config.checkpoint.every and iteration % config.checkpoint.every == 0
+                if due or stopping or iteration == end:
+                    checkpointer.save(
+                        iteration,
+                        {"state": state, "rng": {"key": jax.random.key_data(key)}},
+                        {"data_position": list(position)},
+                    )
+                if stopping:
+                    status = "interrupted"
+                    logger.message(
+                        f"{stop.signal or 'a signal'}: saved a checkpoint at iteration "
+                        f"{iteration} and stopped; continue with --resume"
+                    )
+                    break
+        checkpointer.wait()
+        if status == "finished":
+            policy_params = to_host(state.policy_params)  # every process takes part
+            if main:
+                models.hf.save(
+                    policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer
+                )
+                logger.message(f"exported the policy to {run_dir / 'policy'}")
+    finally:
+        checkpointer.close()
+        logger.close()
+    if main and config.logging.plot and (run_dir / METRICS_FILE).exists():
+        plot_run(run_dir)
+    last = checkpointer.latest_step()
+    return TrainResult(
+        run_dir,
+        iteration,
+        status,
+        metrics,
+        None if last is None else checkpointer.directory / str(last),
+    )
 
 
 def _algorithm(name: str, config: type, help: str) -> cfg.Algorithm:

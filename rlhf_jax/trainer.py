@@ -421,7 +421,7 @@ def prepare_ppo(
 # ---------------------------------------------------------------------------------- signals
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between iterations (a second signal of the same
     kind acts immediately)."""
 
@@ -429,7 +429,7 @@ class _StopRequest:
         self.signal: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> _StopRequest:
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -570,7 +570,7 @@ def _train(setup: _Setup) -> TrainResult:
     status = "finished" if end == total else "stopped"
     iteration = start
     try:
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while iteration < end:
                 t0 = time.perf_counter()
                 rows, next_position = data.batch_indices(

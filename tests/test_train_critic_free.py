@@ -1,14 +1,20 @@
 """`rlhf-jax train grpo | rloo | reinforce++` through the CLI on tiny local models and prompts:
-a Python reward function or a reward model, checkpoints with exact resume, the exported policy."""
+a Python reward function or a reward model, checkpoints with exact resume (after a lost
+checkpoint, `stop_after` and SIGTERM), the exported policy."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import transformers
 from tokenizer_utils import save_tiny_models
 
 from rlhf_jax import cli
+from rlhf_jax.reward_functions import length_reward
+
+GRPO_REWARD = ["models.reward_function=rlhf_jax.reward_functions:length_reward", "grpo.beta=0.04"]
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +50,73 @@ def iterations(run_dir):
     return [json.loads(line) for line in lines]
 
 
-def test_grpo_with_a_reward_function_resumes_exactly(tiny):
+@pytest.fixture(scope="module")
+def grpo_straight(tiny):
+    """Four uninterrupted GRPO iterations with a Python reward (the reference for resumes)."""
     root, paths, prompts = tiny
-    extra = ["models.reward_function=rlhf_jax.reward_functions:length_reward", "grpo.beta=0.04"]
-    straight, split = root / "grpo_straight", root / "grpo_split"
-    assert cli.main(["train", "grpo", *args(straight, paths, prompts, "grpo", *extra)]) == 0
-    assert cli.main(["train", "grpo", *args(split, paths, prompts, "grpo", *extra)]) == 0
+    run_dir = root / "grpo_straight"
+    assert cli.main(["train", "grpo", *args(run_dir, paths, prompts, "grpo", *GRPO_REWARD)]) == 0
+    return run_dir
+
+
+def test_grpo_with_a_reward_function_resumes_exactly(tiny, grpo_straight):
+    root, paths, prompts = tiny
+    split = root / "grpo_split"
+    assert cli.main(["train", "grpo", *args(split, paths, prompts, "grpo", *GRPO_REWARD)]) == 0
     # Drop the last checkpoint (as if the run died after iteration 2's save), then resume.
     shutil.rmtree(split / "checkpoints" / "4")
-    assert (
-        cli.main(["train", "grpo", "--resume", *args(split, paths, prompts, "grpo", *extra)]) == 0
-    )
-    assert iterations(split) == iterations(straight)
-    assert [r["iteration"] for r in iterations(straight)] == [1, 2, 3, 4]
-    policy = transformers.AutoModelForCausalLM.from_pretrained(straight / "policy")
+    resume = ["train", "grpo", "--resume", *args(split, paths, prompts, "grpo", *GRPO_REWARD)]
+    assert cli.main(resume) == 0
+    assert iterations(split) == iterations(grpo_straight)
+    assert [r["iteration"] for r in iterations(grpo_straight)] == [1, 2, 3, 4]
+    policy = transformers.AutoModelForCausalLM.from_pretrained(grpo_straight / "policy")
     assert policy.config.vocab_size == 64
+
+
+_signalled = []
+
+
+def length_reward_then_sigterm(prompts, completions, **kwargs):
+    """`length_reward` that sends this process SIGTERM on its first call (mid-iteration)."""
+    if not _signalled:
+        _signalled.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return length_reward(prompts, completions, **kwargs)
+
+
+def test_stop_after_and_sigterm_save_and_resume_exactly(tiny, grpo_straight, capsys):
+    """`stop_after=1` stops with a checkpoint and no export; a SIGTERM during iteration 2 finishes
+    that iteration, saves it and exits with status 0; resuming twice gives the straight run."""
+    root, paths, prompts = tiny
+    run_dir = root / "grpo_stopped"
+    run = args(run_dir, paths, prompts, "grpo", *GRPO_REWARD, "checkpoint.every=0")
+    assert cli.main(["train", "grpo", *run, "stop_after=1"]) == 0
+    assert "grpo: stopped at iteration 1" in capsys.readouterr().out
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["1"]
+    assert not (run_dir / "policy").exists()
+
+    sigterm = f"models.reward_function={__name__}:length_reward_then_sigterm"
+    assert cli.main(["train", "grpo", "--resume", *run, sigterm]) == 0
+    out = "".join(capsys.readouterr())
+    assert "SIGTERM: saved a checkpoint at iteration 2" in out
+    assert "grpo: interrupted at iteration 2" in out
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is uninstalled
+    assert (run_dir / "checkpoints" / "2").exists()
+    assert not (run_dir / "policy").exists()
+
+    assert cli.main(["train", "grpo", "--resume", *run]) == 0
+
+    def renamed(records):  # iteration 2's reward term is named after the signalling function
+        return [
+            {
+                k.replace(sigterm.split("=")[1], GRPO_REWARD[0].split("=")[1]): v
+                for k, v in r.items()
+            }
+            for r in records
+        ]
+
+    assert renamed(iterations(run_dir)) == iterations(grpo_straight)
+    assert (run_dir / "policy" / "config.json").exists()
 
 
 @pytest.mark.parametrize("algo, key", [("rloo", "rloo"), ("reinforce++", "reinforce")])
