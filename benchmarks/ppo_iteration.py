@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--logprob-chunk", type=int, default=None, help="PPOConfig.logprob_chunk_size")
     p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward")
     p.add_argument(
+        "--shared-value-head",
+        action="store_true",
+        help="value head on the policy trunk instead of a value model (not the peer's setup)",
+    )
+    p.add_argument(
         "--scan-layers",
         default="auto",
         choices=("auto", "true", "false"),
@@ -139,7 +144,8 @@ def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
         scan_layers={"auto": None, "true": True, "false": False}[args.scan_layers],
     )
     score = dataclasses.replace(policy, head="score", num_labels=1)
-    return ppo.PPOModels(policy=policy, value=score, reward=score)
+    value = None if args.shared_value_head else score
+    return ppo.PPOModels(policy=policy, value=value, reward=score)
 
 
 def ppo_config(args: argparse.Namespace) -> ppo.PPOConfig:
@@ -192,7 +198,7 @@ def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[s
     """Model FLOPs of one iteration by phase (backward = 2 x forward)."""
     b, t = config.batch_size, config.response_length
     s = prompt + t
-    pol, val, rew = pm.policy, pm.value, pm.reward
+    pol, val, rew = pm.policy, pm.value_head, pm.reward
     # generation: prefill of the prompt (logits at its last token), then T - 1 decode steps
     gen = _forward_flops(pol, b, prompt, 0, 1) + _forward_flops(pol, b, t - 1, prompt, t - 1)
     # training-style forwards run the whole prompt + response; LM logits only on the T responses
@@ -205,7 +211,10 @@ def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[s
         "value_forward": value_fwd,
         "reward_forward": reward_fwd,
         "old_logprob_forward": policy_fwd if config.recompute_old_logprobs else 0.0,
-        "update": config.num_ppo_epochs * 3 * (policy_fwd + value_fwd),
+        # a shared value head adds only its head to the policy's forward and backward
+        "update": config.num_ppo_epochs
+        * 3
+        * (policy_fwd + (2 * pol.hidden_size * b * t if pm.shared_value_head else value_fwd)),
     }
     flops["total"] = sum(flops.values())
     return flops
@@ -308,7 +317,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         policy = jax.device_put(policy, shardings.frozen.ref)
         reward = jax.device_put(reward, shardings.frozen.reward)
     frozen = ppo.FrozenParams(ref=policy, reward=reward)
-    state = ppo.jit_init_state(config, pm, mesh if multi else None)(policy, reward)
+    value = ppo.value_head_init(pm.policy) if pm.shared_value_head else reward
+    if multi:
+        value = jax.device_put(value, shardings.state.value_params)
+    state = ppo.jit_init_state(config, pm, mesh if multi else None)(policy, value)
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, args.vocab, size=(b, p)), jnp.int32)
     prompt_mask = jnp.ones((b, p), bool)
@@ -341,7 +353,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         def value_fn(params, prompts, mask, gen):
             vmask = ppo.value_mask_for(gen.sequence_lengths, t, config.score_position)
-            return ppo.value_estimates(params, pm.value, prompts, mask, gen.tokens, gen.mask, vmask)
+            policy_params, value_params = params
+            return ppo.state_values(
+                policy_params, value_params, pm, prompts, mask, gen.tokens, gen.mask, vmask
+            )
 
         def reward_fn(params, prompts, mask, gen):
             return ppo.reward_scores(params, pm.reward, prompts, mask, gen.tokens, gen.mask)
@@ -380,7 +395,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "generation": (state0.policy_params, prompts, prompt_mask, keys[0]),
             "ref_forward": (policy, prompts, prompt_mask, gen0),
             "old_logprob_forward": (state0.policy_params, prompts, prompt_mask, gen0),
-            "value_forward": (state0.value_params, prompts, prompt_mask, gen0),
+            "value_forward": (
+                (state0.policy_params, state0.value_params),
+                prompts,
+                prompt_mask,
+                gen0,
+            ),
             "reward_forward": (reward, prompts, prompt_mask, gen0),
             "advantages": (roll0, scores0, state0.kl.kl_coef),
             "update": (state0, exp0, keys[0]),

@@ -211,7 +211,8 @@ def restore_params(
 
     Args:
       checkpoint_dir: `RUN/checkpoints/<iteration>` (or a run directory: the newest one).
-      item: "policy" or "value".
+      item: "policy" or "value" (a run with a value head on the policy trunk gives the value
+        model made of the policy's trunk and that head).
       sharding: where to put every array (default: the first device).
     """
     checkpoint_dir = resolve_checkpoint(checkpoint_dir)
@@ -222,11 +223,17 @@ def restore_params(
     config = model_config_from_dict(configs[item])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    shared_head = item == "value" and meta.get("shared_value_head", False)
+    if shared_head:
+        shapes = {"score": shapes["score"]}
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
     )
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(checkpoint_dir / item, abstract)
+    if shared_head:
+        policy, _ = restore_params(checkpoint_dir, "policy", sharding=sharding)
+        params = {**{k: v for k, v in policy.items() if k != "lm_head"}, "score": params["score"]}
     return params, config
 
 

@@ -50,6 +50,9 @@ class ModelsConfig:
         (exactly one of `reward` / `reward_function`).
       value: initial value model. None: a copy of the reward model (`models.value_from_reward`),
         or with a reward function, the policy's backbone with a zero-initialised score head.
+      shared_value_head: no value model; a zero-initialised scalar head on the policy's trunk
+        gives the values, and the value loss trains the trunk with the policy loss
+        (`ppo.PPOModels(value=None)`). Excludes `value`.
       dtype: compute dtype ("float32" | "bfloat16" | "float16").
       param_dtype: dtype of the trained parameters and optimiser moments.
       remat: rematerialise each layer in the backward pass (less memory, more compute).
@@ -62,6 +65,7 @@ class ModelsConfig:
     reward: str | None = None
     reward_function: str | None = None
     value: str | None = None
+    shared_value_head: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: bool = False
@@ -74,6 +78,11 @@ class ModelsConfig:
                 "set exactly one of models.reward (a reward-model path) and "
                 "models.reward_function ('module:function'), got "
                 f"reward={self.reward!r}, reward_function={self.reward_function!r}"
+            )
+        if self.shared_value_head and self.value is not None:
+            raise ValueError(
+                "models.shared_value_head=true puts the value head on the policy, so there is no "
+                f"value model to load; unset models.value (got {self.value!r})"
             )
 
 

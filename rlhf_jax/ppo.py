@@ -1,7 +1,8 @@
 """RLHF PPO (TRL's PPOTrainer semantics) as pure functions.
 
 Four models: the policy (trained), a frozen reference (the initial policy), a frozen reward model
-and a value model (trained; usually initialised from the reward model). One iteration is
+and a value model (trained; usually initialised from the reward model), or instead of the value
+model a value head on the policy's trunk (`PPOModels(value=None)`). One iteration is
 
     rollout (generate) -> reference log-probs, values, reward scores -> per-token KL-shaped
     rewards -> GAE -> advantage whitening -> num_ppo_epochs x num_mini_batches x
@@ -160,17 +161,38 @@ class PPOConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PPOModels:
-    """Static architecture of the models (hashable). The reference model shares `policy`."""
+    """Static architecture of the models (hashable). The reference model shares `policy`.
+
+    `value=None` puts the value function on the policy: a scalar head (`value_head_init`) reads
+    the policy trunk's final hidden states, the value loss (times `vf_coef`) trains the trunk
+    together with the policy loss, and `PPOState.value_params` holds only that head (its own
+    optimiser and `value_learning_rate`). One trunk forward and backward per minibatch instead of
+    two; the policy and value objectives then share (and compete for) the trunk.
+    """
 
     policy: models.ModelConfig
-    value: models.ModelConfig
+    value: models.ModelConfig | None
     reward: models.ModelConfig
+
+    @property
+    def shared_value_head(self) -> bool:
+        return self.value is None
+
+    @property
+    def value_head(self) -> models.ModelConfig:
+        """Config whose `score` head the value function uses: the value model's, or with a shared
+        head the policy's architecture with a scalar score head."""
+        if self.value is not None:
+            return self.value
+        return dataclasses.replace(self.policy, head="score", num_labels=1)
 
     def __post_init__(self) -> None:
         if self.policy.head != "lm":
             raise ValueError("the policy must be a causal LM (head='lm')")
         for name in ("value", "reward"):
             config = getattr(self, name)
+            if config is None and name == "value":
+                continue
             if config.head != "score" or config.num_labels != 1:
                 raise ValueError(
                     f"the {name} model must have a scalar score head (head='score', "
@@ -276,8 +298,16 @@ def policy_logprobs(
     """Temperature-scaled log-probs `[B, T]` of the response tokens (`INVALID_LOGPROB` outside
     `mask_BT`) and optionally the per-token entropy, float32."""
     hidden = response_hidden(params, config, prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    return _policy_logprobs_from_hidden(
+        params, config, hidden, responses_BT, mask_BT, temperature, chunk_size, with_entropy
+    )
+
+
+def _policy_logprobs_from_hidden(
+    params, config, hidden_BTD, responses_BT, mask_BT, temperature, chunk_size, with_entropy
+):
     logprobs, entropy = logprobs_from_hidden(
-        hidden,
+        hidden_BTD,
         responses_BT,
         lambda h: models.lm_logits(params, config, h),
         temperature=temperature,
@@ -314,6 +344,40 @@ def reward_scores(
     """Reward-model score `[B]` (float32) read at the last real token of prompt + response."""
     tokens, positions, mask = _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
     return models.sequence_scores(params, config, tokens, positions, mask)[:, 0].astype(jnp.float32)
+
+
+def value_head_init(config: models.ModelConfig) -> Params:
+    """Params of a value head on the trunk of `config` (`PPOModels(value=None)`):
+    `{"score": {"kernel": [hidden, 1]}}`, zero-initialised (values start at 0), in the params
+    dtype."""
+    return {"score": {"kernel": jnp.zeros((config.hidden_size, 1), config.params_dtype)}}
+
+
+def _head_values(
+    head_params: Params, ppo_models: PPOModels, hidden_BTD: jax.Array, value_mask_BT: jax.Array
+) -> jax.Array:
+    """Values `[B, T]` (float32) from a shared value head on policy hidden states."""
+    values = models.score(head_params, ppo_models.value_head, hidden_BTD)[..., 0]
+    return jnp.where(value_mask_BT, values.astype(jnp.float32), 0.0)
+
+
+def state_values(
+    policy_params: Params,
+    value_params: Params,
+    ppo_models: PPOModels,
+    prompts_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    responses_BT: jax.Array,
+    mask_BT: jax.Array,
+    value_mask_BT: jax.Array,
+) -> jax.Array:
+    """Values `[B, T]` (float32, 0 outside `value_mask_BT`) from the value model, or from the
+    value head on the policy trunk when `ppo_models.value is None`."""
+    common = (prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
+    if ppo_models.shared_value_head:
+        hidden = response_hidden(policy_params, ppo_models.policy, *common)
+        return _head_values(value_params, ppo_models, hidden, value_mask_BT)
+    return value_estimates(value_params, ppo_models.value, *common, value_mask_BT)
 
 
 def value_mask_for(
@@ -360,7 +424,7 @@ def rollout(
         )
     ref_logprobs, _ = policy_logprobs(frozen.ref, ppo_models.policy, *common, **logprob_kwargs)
     value_mask = value_mask_for(gen.sequence_lengths, gen.tokens.shape[1], config.score_position)
-    values = value_estimates(state.value_params, ppo_models.value, *common, value_mask)
+    values = state_values(state.policy_params, state.value_params, ppo_models, *common, value_mask)
     return Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
 
 
@@ -492,7 +556,9 @@ def optimizers(config: PPOConfig) -> tuple[optax.GradientTransformation, ...]:
 
 
 def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -> PPOState:
-    """Fresh optimiser and KL-controller state around copies of the given parameters.
+    """Fresh optimiser and KL-controller state around copies of the given parameters
+    (`value_params`: the value model's, or `value_head_init(policy_config)` for a value head on
+    the policy trunk).
 
     The state owns its buffers, so iterations can donate it even when `policy_params` are the same
     arrays as the frozen reference (the usual start) or `value_params` the reward model's.
@@ -537,13 +603,17 @@ def _loss(
     ppo_models: PPOModels,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     common = (mb.prompts, mb.prompt_mask, mb.responses, mb.mask)
-    logprobs, entropy = policy_logprobs(
+    # One trunk pass feeds both heads when the value head shares the policy trunk.
+    hidden = response_hidden(policy_params, ppo_models.policy, *common)
+    logprobs, entropy = _policy_logprobs_from_hidden(
         policy_params,
         ppo_models.policy,
-        *common,
-        temperature=config.temperature,
-        chunk_size=config.logprob_chunk_size,
-        with_entropy=True,
+        hidden,
+        mb.responses,
+        mb.mask,
+        config.temperature,
+        config.logprob_chunk_size,
+        True,
     )
     if config.entropy_coef == 0:
         # Only a metric then: no backward pass through the [B, T, V] entropy computation.
@@ -558,7 +628,10 @@ def _loss(
         dual_clip=config.dual_clip,
         aggregation=config.loss_aggregation,
     )
-    values = value_estimates(value_params, ppo_models.value, *common, mb.value_mask)
+    if ppo_models.shared_value_head:
+        values = _head_values(value_params, ppo_models, hidden, mb.value_mask)
+    else:
+        values = value_estimates(value_params, ppo_models.value, *common, mb.value_mask)
     vf_loss, vf_aux = ppo_value_loss(
         values, mb.values, mb.returns, mb.value_mask, clip_range=config.cliprange_value
     )
@@ -815,12 +888,14 @@ def ppo_shardings(
         return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
 
     policy = sh.param_shardings(ppo_models.policy, mesh, rules)
-    value = sh.param_shardings(ppo_models.value, mesh, rules)
+    value = sh.param_shardings(ppo_models.value_head, mesh, rules)
+    if ppo_models.shared_value_head:
+        value = {"score": value["score"]}
     reward = sh.param_shardings(ppo_models.reward, mesh, rules)
     abstract = jax.eval_shape(
         lambda p, v: init_state(p, v, config),
         abstract_params(ppo_models.policy),
-        abstract_params(ppo_models.value),
+        abstract_value_params(ppo_models),
     )
     rep = sh.replicated(mesh)
     state = PPOState(
@@ -838,6 +913,14 @@ def ppo_shardings(
         batch=sh.batch_sharding(mesh, 2),
         replicated=rep,
     )
+
+
+def abstract_value_params(ppo_models: PPOModels) -> Params:
+    """Shapes and dtypes of `PPOState.value_params` (the value model's params, or the shared
+    value head's)."""
+    if ppo_models.shared_value_head:
+        return jax.eval_shape(lambda: value_head_init(ppo_models.policy))
+    return jax.eval_shape(lambda k: models.init_params(ppo_models.value, k), jax.random.key(0))
 
 
 def jit_init_state(

@@ -217,12 +217,11 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
     """
     shardings = ppo.ppo_shardings(ppo_config, ppo_models, mesh)
     state_sh, rep = shardings.state, shardings.replicated
-    abstract_params = functools.partial(jax.eval_shape, models.init_params)
     init_fn = lambda p, v: ppo.init_state(p, v, ppo_config)
     abstract = jax.eval_shape(
         init_fn,
-        abstract_params(ppo_models.policy, jax.random.key(0)),
-        abstract_params(ppo_models.value, jax.random.key(0)),
+        jax.eval_shape(models.init_params, ppo_models.policy, jax.random.key(0)),
+        ppo.abstract_value_params(ppo_models),
     )
     kwargs = dict(config=ppo_config, ppo_models=ppo_models)
 
@@ -365,7 +364,9 @@ def prepare_ppo(
             )
     for name, model_config in configs.items():
         _check_vocab(tokenizer, model_config, f"models.{name}")
-    if "value" not in configs:
+    if mc.shared_value_head:
+        configs["value"] = None
+    elif "value" not in configs:
         if "reward" in configs:
             configs["value"] = configs["reward"]
         else:
@@ -374,7 +375,7 @@ def prepare_ppo(
         ppo_models = ppo.PPOModels(
             policy=policy_cfg,
             value=configs["value"],
-            reward=configs.get("reward", configs["value"]),
+            reward=configs.get("reward", configs["value"] or policy_cfg),
         )
     except ValueError as err:
         raise SetupError(f"models: {err}") from err
@@ -514,7 +515,11 @@ def _train(setup: _Setup) -> TrainResult:
         reward = None
         if "reward" in setup.paths:
             reward = load_params(setup.paths["reward"], pm.reward, mesh, mc.allow_pickle)
-        if "value" in setup.paths:
+        if pm.shared_value_head:
+            value = jax.device_put(
+                ppo.value_head_init(pm.policy), programs.state_shardings.value_params
+            )
+        elif "value" in setup.paths:
             value = load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
         elif reward is not None:
             value = reward  # init_state copies it (models.value_from_reward semantics)
@@ -737,8 +742,9 @@ def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iterati
         "rng_impl": str(jax.random.key_impl(key)),
         "models": {
             "policy": ckpt.model_config_to_dict(setup.ppo_models.policy),
-            "value": ckpt.model_config_to_dict(setup.ppo_models.value),
+            "value": ckpt.model_config_to_dict(setup.ppo_models.value_head),
         },
+        "shared_value_head": setup.ppo_models.shared_value_head,
         "num_prompts": len(setup.dataset),
         "sources": {name: str(path) for name, path in setup.paths.items()},
     }

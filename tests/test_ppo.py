@@ -362,6 +362,65 @@ def test_learning_raises_reward_model_score_with_adaptive_kl():
     assert isinstance(rebuilt, ppo.PPOState)
 
 
+def shared_head_setup(**overrides):
+    """`tiny_setup` with the value head on the policy trunk (`PPOModels(value=None)`)."""
+    config, _, state, frozen, prompts, mask = tiny_setup(**overrides)
+    ppo_models = ppo.PPOModels(policy=TINY, value=None, reward=TINY_RM)
+    state = ppo.init_state(frozen.ref, ppo.value_head_init(TINY), config)
+    return config, ppo_models, state, frozen, prompts, mask
+
+
+def test_shared_value_head_gradients_are_both_losses_through_one_trunk():
+    """The shared trunk's gradient is the policy loss's plus vf_coef x the value loss's, computed
+    here by the separate-model path on a value model made of a copy of the trunk and the head."""
+    config, shared, state, frozen, prompts, mask = shared_head_setup(vf_coef=0.5)
+    head = {"score": {"kernel": 0.3 * jax.random.normal(jax.random.key(7), (TINY.hidden_size, 1))}}
+    state = state.replace(value_params=head)
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=shared))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    assert float(jnp.abs(exp.values).max()) > 0.1  # the head reads the trunk
+    grad = jax.jit(jax.value_and_grad(ppo._loss, (0, 1), has_aux=True), static_argnums=(4, 5))
+    (loss, _), (g_policy, g_head) = grad(state.policy_params, head, exp, None, config, shared)
+
+    separate = ppo.PPOModels(policy=TINY, value=shared.value_head, reward=TINY_RM)
+    trunk = {k: v for k, v in state.policy_params.items() if k != "lm_head"}
+    value_model = {**trunk, **head}
+    values = ppo.value_estimates(value_model, separate.value, *_common(exp), exp.value_mask)
+    np.testing.assert_allclose(values, exp.values, atol=1e-5)
+    (want_loss, _), (want_policy, want_value) = grad(
+        state.policy_params, value_model, exp, None, config, separate
+    )
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    chex.assert_trees_all_close(g_head["score"], want_value["score"], rtol=1e-4, atol=1e-7)
+    summed = {
+        k: jax.tree.map(jnp.add, v, want_value[k]) if k in trunk else v
+        for k, v in want_policy.items()
+    }
+    chex.assert_trees_all_close(g_policy, summed, rtol=1e-4, atol=1e-7)
+    # Not vacuous: the value loss moves the trunk.
+    assert float(jnp.abs(want_value["layers"]["mlp"]["up"]["kernel"]).max()) > 1e-6
+
+
+def _common(exp):
+    return exp.prompts, exp.prompt_mask, exp.responses, exp.mask
+
+
+def test_shared_value_head_learns_and_compiles_once():
+    config, ppo_models, state, frozen, prompts, mask = shared_head_setup()
+    iteration = jitted_iteration(config, ppo_models)
+    scores, values = [], []
+    for i in range(30):
+        state, metrics = iteration(state, frozen, prompts, mask, jax.random.key(i))
+        ppo.check_finite(metrics, i)
+        scores.append(float(metrics["objective/raw_scores"]))
+        values.append(float(metrics["val/values_mean"]))
+        assert float(metrics["policy/first_ratio_std"]) < 1e-5
+    assert np.mean(scores[-5:]) > np.mean(scores[:5]) + 1.0, np.round(scores, 2)
+    assert values[0] == 0.0 and abs(values[-1]) > 0.1  # the zero-initialised head was trained
+    assert jax.tree.structure(state.value_params) == jax.tree.structure(ppo.value_head_init(TINY))
+
+
 def test_non_finite_scores_stop_the_run_and_skip_the_update():
     config, ppo_models, state, frozen, prompts, mask = tiny_setup()
     before = jax.tree.map(np.array, state.policy_params)

@@ -312,6 +312,42 @@ def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir,
         )
 
 
+def test_shared_value_head_run_resumes_and_exports_a_value_model(inputs, cache_dir, tmp_path):
+    """`models.shared_value_head`: the head starts at zero and is trained, a resumed run equals a
+    straight one, and `export` writes a value model of the policy's trunk and that
+    head (a Hugging Face sequence classifier)."""
+    import torch
+    import transformers
+
+    shared = "models.shared_value_head=true"
+    a, b = tmp_path / "a", tmp_path / "b"
+    trainer.train_ppo(load(inputs, a, cache_dir, "stop_after=3", shared))
+    trainer.train_ppo(load(inputs, b, cache_dir, "stop_after=1", shared))
+    trainer.train_ppo(load(inputs, b, cache_dir, "stop_after=3", shared), resume=True)
+    assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
+    records = logging.read_jsonl(a / "metrics.jsonl")
+    assert records[0]["val/values_mean"] == 0.0 and records[-1]["val/values_mean"] != 0.0
+
+    out = tmp_path / "export"
+    assert cli.main(["export", str(a), str(out)]) == 0
+    policy, _ = checkpoint.restore_params(a, "policy")
+    value, value_config = checkpoint.restore_params(a, "value")
+    assert value_config.head == "score" and "lm_head" not in value
+    np.testing.assert_array_equal(value["embed"]["embedding"], policy["embed"]["embedding"])
+    hf_value = transformers.AutoModelForSequenceClassification.from_pretrained(out / "value")
+    np.testing.assert_array_equal(
+        hf_value.score.weight.detach().numpy(), np.asarray(value["score"]["kernel"]).T
+    )
+    hf_policy = transformers.AutoModelForCausalLM.from_pretrained(out)
+    for (name, got), want in zip(
+        hf_value.model.named_parameters(), hf_policy.model.parameters(), strict=True
+    ):
+        assert torch.equal(got, want), name
+
+    with pytest.raises(config.ConfigError, match="shared_value_head=true .* unset models.value"):
+        load(inputs, a, cache_dir, shared, f"models.value={inputs['reward']}")
+
+
 def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, monkeypatch):
     from hf_utils import tiny_hf_model
 
