@@ -41,7 +41,8 @@ from rlhf_jax.trainer import (
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _CriticFreeRun:
     """Fields shared by the critic-free run configs (see `PPORunConfig` for their meaning).
-    `models.value` is ignored: these algorithms have no value model."""
+    `models.value` and `models.shared_value_head` are ignored: these algorithms have no value
+    function."""
 
     run_dir: str
     seed: int = 0
