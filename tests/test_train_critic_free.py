@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 
+import jax
 import pytest
 import transformers
 from tokenizer_utils import save_tiny_models
@@ -24,7 +25,12 @@ def tiny(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     rows = [{"prompt": f"tell me a story about the {w} .", "answer": "yes"} for w in ("cat", "dog")]
     prompts.write_text("\n".join(json.dumps(r) for r in rows * 8))
-    return root, paths, prompts
+    yield root, paths, prompts
+    # The runs pointed this process's persistent compilation cache at `root`; switch it off.
+    from jax.experimental.compilation_cache import compilation_cache
+
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
 
 
 def args(run_dir, paths, prompts, algo, *extra):
@@ -41,6 +47,8 @@ def args(run_dir, paths, prompts, algo, *extra):
         "logging.progress_bar=false",
         "logging.tensorboard=false",
         "logging.plot=false",
+        # Runs of one algorithm compile the same programs: later runs load them from here.
+        f"compilation_cache={run_dir.parent / 'jax_cache'}",
         *extra,
     ]
 
