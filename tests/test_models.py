@@ -261,6 +261,30 @@ def test_logical_axes_match_params():
     assert axes["embed"]["embedding"] == jax.sharding.PartitionSpec("vocab", "embed")
 
 
+def test_rope_tables_are_cos_and_sin_bit_for_bit():
+    """The tables pass through a full-precision identity dot (so XLA:CPU materialises them once
+    instead of re-evaluating cos/sin in every consumer); that must not change a bit."""
+    from rlhf_jax.models import model as model_module
+
+    config = reference("llama_bias_llama3_tied")[2]  # llama3 frequency scaling
+    positions = jnp.asarray(np.random.default_rng(0).integers(0, 5000, (3, 17)), jnp.int32)
+    cos, sin = jax.jit(model_module._rope_tables, static_argnums=0)(config, positions)
+
+    @jax.jit
+    def plain(positions):
+        angles = positions.astype(jnp.float32)[..., None] * model_module._inv_freq(
+            config, positions
+        )
+        angles = jnp.concatenate([angles, angles], axis=-1)
+        return jnp.cos(angles), jnp.sin(angles)
+
+    want_cos, want_sin = plain(positions)
+    np.testing.assert_array_equal(cos, want_cos)
+    np.testing.assert_array_equal(sin, want_sin)
+    x = jnp.asarray([[1e-30, -3.0e38, 1.0 + 2**-23, -0.0, 7.25]], jnp.float32)
+    np.testing.assert_array_equal(model_module._materialized(x), x)
+
+
 def test_init_params_bfloat16():
     config = ModelConfig(
         family="llama",
