@@ -278,9 +278,8 @@ def response_hidden(
     """Hidden states `[B, T, D]` at positions `P-1 .. P+T-2` of prompt + response: entry `t` is
     the state from which response token `t` is predicted (and valued)."""
     tokens, positions, mask = _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
-    hidden, _ = models.forward(params, config, tokens, positions, mask)
-    prompt_len, length = prompts_BP.shape[1], responses_BT.shape[1]
-    return hidden[:, prompt_len - 1 : prompt_len + length - 1]
+    outputs = (prompts_BP.shape[1] - 1, responses_BT.shape[1])
+    return models.forward(params, config, tokens, positions, mask, outputs=outputs)[0]
 
 
 def policy_logprobs(

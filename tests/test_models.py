@@ -359,6 +359,41 @@ def test_scanned_and_unrolled_layers_agree(name, remats):
         chex.assert_trees_all_close(grads_u, grads_s, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "qwen3"])
+def test_forward_outputs_slice_equals_the_full_pass_sliced(name):
+    """`forward(..., outputs=(start, length))` (the last layer computes only those positions when
+    the layers are unrolled) gives the full pass's hidden states there, and the same gradients
+    (gpt2: learned positions; neox: parallel residual, partial rotary; qwen3: q/k norms)."""
+    _, params, config = reference(name)
+    tokens, mask, positions = left_padded([12, 7, 3], T)
+    start, length = 5, 6
+
+    def hidden(params, config, outputs):
+        h, _ = forward(params, config, tokens, positions, mask, outputs=outputs)
+        return h if outputs else h[:, start : start + length]
+
+    def loss(params, config, outputs):
+        return jnp.sum(jnp.tanh(hidden(params, config, outputs)) ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=(1, 2))
+    run = jax.jit(hidden, static_argnums=(1, 2))
+    for scan in (False, True):  # the scanned path slices after the pass
+        c = dataclasses.replace(config, scan_layers=scan)
+        full, sliced = run(params, c, None), run(params, c, (start, length))
+        assert sliced.shape == (3, length, config.hidden_size)
+        np.testing.assert_allclose(sliced, full, atol=1e-5, rtol=0)
+    (loss_full, g_full), (loss_sliced, g_sliced) = (
+        grad(params, config, o) for o in (None, (start, length))
+    )
+    np.testing.assert_allclose(loss_sliced, loss_full, rtol=1e-5)
+    chex.assert_trees_all_close(g_sliced, g_full, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"outputs=\(10, 8\) must be"):
+        forward(params, config, tokens, positions, mask, outputs=(10, 8))
+    cache = init_cache(config, 3, T + 1)
+    with pytest.raises(ValueError, match="for full passes"):
+        forward(unstack_layers(params), config, tokens, positions, mask, cache, outputs=(0, 1))
+
+
 def test_cache_dtype_and_pytree():
     config = reference("qwen3")[2]
     cache = init_cache(config, 2, 8, dtype=jnp.bfloat16)

@@ -271,18 +271,26 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BTD, rope, allowed_BTS, layer_idx, kv, index):
+    def __call__(self, x_BTD, rope, allowed_BTS, layer_idx, kv, index, queries=None):
+        """`queries=(start, length)` (static, full pass only): only those positions query (and
+        are returned); keys and values still come from all T positions."""
         c = self.config
         heads = (c.num_heads, c.head_dim)
         kv_heads = (c.num_kv_heads, c.head_dim)
-        q = Dense(c, heads, ("embed", "heads", "head_dim"), c.attn_bias, name="q")(x_BTD)
+        q_rope = rope
+        x_q = x_BTD
+        if queries is not None:
+            rows = slice(queries[0], queries[0] + queries[1])
+            x_q, allowed_BTS = x_BTD[:, rows], allowed_BTS[:, rows]
+            q_rope = None if rope is None else tuple(table[:, rows] for table in rope)
+        q = Dense(c, heads, ("embed", "heads", "head_dim"), c.attn_bias, name="q")(x_q)
         k = Dense(c, kv_heads, ("embed", "kv_heads", "head_dim"), c.attn_bias, name="k")(x_BTD)
         v = Dense(c, kv_heads, ("embed", "kv_heads", "head_dim"), c.attn_bias, name="v")(x_BTD)
         if c.qk_norm:
             q = Norm(c, "rmsnorm", "head_dim", name="q_norm")(q)
             k = Norm(c, "rmsnorm", "head_dim", name="k_norm")(k)
         if rope is not None:
-            q = _apply_rope(q, *rope)
+            q = _apply_rope(q, *q_rope)
             k = _apply_rope(k, *rope)
         q = _constrain(q, "batch", "length", "act_heads", None)
         k = _constrain(k, "batch", "length", "act_kv_heads", None)
@@ -329,13 +337,23 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BTD, xs, rope, allowed_BTS, index):
+    def __call__(self, h_BTD, xs, rope, allowed_BTS, index, queries=None):
+        """`queries=(start, length)`: compute (and return) only those positions; see
+        `Attention`."""
         c = self.config
         layer_idx, kv = xs
         attn = Attention(c, name="attn")
         attn_out, kv = attn(
-            Norm(c, c.norm, name="attn_norm")(h_BTD), rope, allowed_BTS, layer_idx, kv, index
+            Norm(c, c.norm, name="attn_norm")(h_BTD),
+            rope,
+            allowed_BTS,
+            layer_idx,
+            kv,
+            index,
+            queries,
         )
+        if queries is not None:
+            h_BTD = h_BTD[:, queries[0] : queries[0] + queries[1]]
         mlp_norm, mlp = Norm(c, c.norm, name="mlp_norm"), MLP(c, name="mlp")
         if c.parallel_residual:
             h_BTD = h_BTD + attn_out + mlp(mlp_norm(h_BTD))
@@ -479,6 +497,8 @@ def forward(
     positions_BT: jax.Array,
     mask_BT: jax.Array,
     cache: KVCache | None = None,
+    *,
+    outputs: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-normed hidden states `[B, T, D]` (compute dtype) and the updated cache.
 
@@ -493,6 +513,11 @@ def forward(
         `index + T <= max_len`), `mask_BT` to `cache.mask` there, and query `i` (slot
         `index + i`) attends to slots `j <= index + i` with `cache.mask[j]`; index advances by T.
         Prefill (T = prompt length) and decode (T = 1) are the same code; `index` may be traced.
+      outputs: full pass only: `(start, length)` (static ints) returns the hidden states of
+        positions `[start, start + length)` only, `[B, length, D]`. With unrolled layers the last
+        layer computes only those positions (its queries, attention output and MLP), so callers
+        that need a few positions (PPO's response tokens) skip part of its FLOPs; the scanned
+        path computes everything and slices.
 
     Rows of pad queries are finite but meaningless.
     """
@@ -502,9 +527,22 @@ def forward(
             raise ValueError(
                 "forward without a cache needs the stacked params, not unstack_layers(params)"
             )
+        if outputs is not None and not (
+            0 <= outputs[0] and outputs[1] >= 1 and outputs[0] + outputs[1] <= tokens_BT.shape[1]
+        ):
+            raise ValueError(
+                f"forward: outputs={outputs} must be (start, length) with length >= 1 inside the "
+                f"{tokens_BT.shape[1]} positions"
+            )
         if config.use_scan:
-            return model.apply({"params": params}, tokens_BT, positions_BT, mask_BT), None
-        return _unrolled_full_pass(params, config, tokens_BT, positions_BT, mask_BT), None
+            hidden = model.apply({"params": params}, tokens_BT, positions_BT, mask_BT)
+            if outputs is not None:
+                hidden = hidden[:, outputs[0] : outputs[0] + outputs[1]]
+            return hidden, None
+        hidden = _unrolled_full_pass(params, config, tokens_BT, positions_BT, mask_BT, outputs)
+        return hidden, None
+    if outputs is not None:
+        raise ValueError("forward: outputs=(start, length) is for full passes (cache=None)")
     if len(cache.k) != config.num_layers:
         raise ValueError(
             f"forward: the cache holds {len(cache.k)} layers, the model has {config.num_layers}; "
@@ -539,11 +577,14 @@ def _unrolled_full_pass(
     tokens_BT: jax.Array,
     positions_BT: jax.Array,
     mask_BT: jax.Array,
+    queries: tuple[int, int] | None = None,
 ) -> jax.Array:
     """`Transformer.__call__` with the layers unrolled: the same blocks, masks and remat policy.
 
     The stacked layer params are split once (`jnp.split`, whose transpose is one concatenate), so
-    the backward pass writes each weight gradient once instead of summing per-layer pads."""
+    the backward pass writes each weight gradient once instead of summing per-layer pads.
+    `queries=(start, length)`: the last layer computes only those positions (the earlier layers
+    need every position for its keys and values)."""
     model, variables = Transformer(config), {"params": params}
     h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
     rope, allowed_BTS = _full_pass_inputs(config, positions_BT, mask_BT)
@@ -551,18 +592,19 @@ def _unrolled_full_pass(
     split = jax.tree.map(lambda w: jnp.split(w, n, axis=0), params["layers"])
     block = Block(config)
 
-    def layer(layer_params, h_BTD, i):
+    def layer(layer_params, h_BTD, i, queries):
         xs = (np.int32(i), None)
-        return block.apply({"params": layer_params}, h_BTD, xs, rope, allowed_BTS, None)[0]
+        variables = {"params": layer_params}
+        return block.apply(variables, h_BTD, xs, rope, allowed_BTS, None, queries)[0]
 
     layer = jax.checkpoint(
-        layer, policy=_remat_policy(config), prevent_cse=False, static_argnums=(2,)
+        layer, policy=_remat_policy(config), prevent_cse=False, static_argnums=(2, 3)
     )
     for i in range(n):
         layer_params = jax.tree.map(
             lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list)
         )
-        h = layer(layer_params, h, i)
+        h = layer(layer_params, h, i, queries if i == n - 1 else None)
     return model.apply(variables, h, method=Transformer.final)
 
 
