@@ -328,7 +328,13 @@ def value_estimates(
     """Values `[B, T]` (float32) of the states before each response token; 0 outside
     `value_mask_BT`."""
     hidden = response_hidden(params, config, prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
-    values = models.score(params, config, hidden)[..., 0].astype(jnp.float32)
+    return _values_from_hidden(params, config, hidden, value_mask_BT)
+
+
+def _values_from_hidden(
+    params: Params, config: models.ModelConfig, hidden_BTD: jax.Array, value_mask_BT: jax.Array
+) -> jax.Array:
+    values = models.score(params, config, hidden_BTD)[..., 0].astype(jnp.float32)
     return jnp.where(value_mask_BT, values, 0.0)
 
 
@@ -352,14 +358,6 @@ def value_head_init(config: models.ModelConfig) -> Params:
     return {"score": {"kernel": jnp.zeros((config.hidden_size, 1), config.params_dtype)}}
 
 
-def _head_values(
-    head_params: Params, ppo_models: PPOModels, hidden_BTD: jax.Array, value_mask_BT: jax.Array
-) -> jax.Array:
-    """Values `[B, T]` (float32) from a shared value head on policy hidden states."""
-    values = models.score(head_params, ppo_models.value_head, hidden_BTD)[..., 0]
-    return jnp.where(value_mask_BT, values.astype(jnp.float32), 0.0)
-
-
 def state_values(
     policy_params: Params,
     value_params: Params,
@@ -375,7 +373,7 @@ def state_values(
     common = (prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
     if ppo_models.shared_value_head:
         hidden = response_hidden(policy_params, ppo_models.policy, *common)
-        return _head_values(value_params, ppo_models, hidden, value_mask_BT)
+        return _values_from_hidden(value_params, ppo_models.value_head, hidden, value_mask_BT)
     return value_estimates(value_params, ppo_models.value, *common, value_mask_BT)
 
 
@@ -628,7 +626,7 @@ def _loss(
         aggregation=config.loss_aggregation,
     )
     if ppo_models.shared_value_head:
-        values = _head_values(value_params, ppo_models, hidden, mb.value_mask)
+        values = _values_from_hidden(value_params, ppo_models.value_head, hidden, mb.value_mask)
     else:
         values = value_estimates(value_params, ppo_models.value, *common, mb.value_mask)
     vf_loss, vf_aux = ppo_value_loss(

@@ -29,6 +29,7 @@ from rlhf_jax.trainer import (
     SetupError,
     StopRequest,
     TrainResult,
+    checkpoint_due,
     enable_compilation_cache,
     load_params,
     open_checkpointer,
@@ -228,9 +229,8 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                     metrics,
                     timings={"iteration_seconds": seconds, "tokens_per_second": tokens / seconds},
                 )
-                stopping = stop.requested()
-                due = config.checkpoint.every and iteration % config.checkpoint.every == 0
-                if due or stopping or iteration == end:
+                stopping = stop.requested()  # once: all processes must see the same answer
+                if stopping or checkpoint_due(iteration, end, config.checkpoint.every):
                     checkpointer.save(
                         iteration,
                         {"state": state, "rng": {"key": jax.random.key_data(key)}},
@@ -238,10 +238,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                     )
                 if stopping:
                     status = "interrupted"
-                    logger.message(
-                        f"{stop.signal or 'a signal'}: saved a checkpoint at iteration "
-                        f"{iteration} and stopped; continue with --resume"
-                    )
+                    logger.message(stop.stopped_message(iteration))
                     break
         checkpointer.wait()
         if status == "finished":

@@ -447,6 +447,12 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def stopped_message(self, iteration: int) -> str:
+        return (
+            f"{self.signal or 'a signal'}: saved a checkpoint at iteration {iteration} and "
+            "stopped; continue with --resume"
+        )
+
     def requested(self) -> bool:
         """Whether any process got a signal (all processes agree, so they stop together)."""
         flag = self.signal is not None
@@ -455,6 +461,12 @@ class StopRequest:
 
             flag = bool(np.any(multihost_utils.process_allgather(np.array(flag))))
         return flag
+
+
+def checkpoint_due(iteration: int, end: int, every: int) -> bool:
+    """A scheduled checkpoint after `iteration`: every `every` iterations (0: never) and at the
+    last iteration `end` of this run."""
+    return bool(every and iteration % every == 0) or iteration == end
 
 
 # ----------------------------------------------------------------------------------- training
@@ -633,16 +645,12 @@ def _train(setup: _Setup) -> TrainResult:
                 every = config.logging.sample_every
                 if every and (iteration % every == 0 or iteration == end):
                     logger.samples(iteration, _sample_rows(setup, rows, roll, scores))
-                stopping = stop.requested()
-                due = config.checkpoint.every and iteration % config.checkpoint.every == 0
-                if due or stopping or iteration == end:
+                stopping = stop.requested()  # once: all processes must see the same answer
+                if stopping or checkpoint_due(iteration, end, config.checkpoint.every):
                     _save(setup, state, key, (position, ptx_position), iteration)
                 if stopping:
                     status = "interrupted"
-                    logger.message(
-                        f"{stop.signal or 'a signal'}: saved a checkpoint at iteration "
-                        f"{iteration} and stopped; continue with --resume"
-                    )
+                    logger.message(stop.stopped_message(iteration))
                     break
         setup.checkpointer.wait()
     finally:

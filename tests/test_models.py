@@ -359,7 +359,9 @@ def test_scanned_and_unrolled_layers_agree(name, remats):
         chex.assert_trees_all_close(grads_u, grads_s, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize(  # suite time: gpt2 in the default set, the other two with -m slow
+    "name", ["gpt2", *(pytest.param(n, marks=pytest.mark.slow) for n in ("gpt_neox", "qwen3"))]
+)
 def test_forward_outputs_slice_equals_the_full_pass_sliced(name):
     """`forward(..., outputs=(start, length))` (the last layer computes only those positions when
     the layers are unrolled) gives the full pass's hidden states there, and the same gradients

@@ -406,6 +406,7 @@ def _common(exp):
     return exp.prompts, exp.prompt_mask, exp.responses, exp.mask
 
 
+@pytest.mark.slow  # suite time; the gradient test above stays in the default set
 def test_shared_value_head_learns_and_compiles_once():
     config, ppo_models, state, frozen, prompts, mask = shared_head_setup()
     iteration = jitted_iteration(config, ppo_models)

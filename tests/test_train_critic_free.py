@@ -127,7 +127,10 @@ def test_stop_after_and_sigterm_save_and_resume_exactly(tiny, grpo_straight, cap
     assert (run_dir / "policy" / "config.json").exists()
 
 
-@pytest.mark.parametrize("algo, key", [("rloo", "rloo"), ("reinforce++", "reinforce")])
+@pytest.mark.parametrize(
+    "algo, key",
+    [("rloo", "rloo"), pytest.param("reinforce++", "reinforce", marks=pytest.mark.slow)],
+)
 def test_reward_model_algorithms_run(tiny, algo, key):
     root, paths, prompts = tiny
     run_dir = root / algo

@@ -286,6 +286,7 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
 PTX = ("ppo.ptx_coef=0.5", f"ptx_data.path={DATA / 'pretrain.jsonl'}", "ptx_data.max_length=12")
 
 
+@pytest.mark.slow  # suite time (CI runs the slow set too)
 def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir, tmp_path, capsys):
     """PPO-ptx through the trainer: every iteration reports a finite LM loss on the pretraining
     texts, and 1 iteration + resume + 2 gives the metrics of 3 straight (the ptx data position is
@@ -312,6 +313,7 @@ def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir,
         )
 
 
+@pytest.mark.slow  # suite time (CI runs the slow set too)
 def test_shared_value_head_run_resumes_and_exports_a_value_model(inputs, cache_dir, tmp_path):
     """`models.shared_value_head`: the head starts at zero and is trained, a resumed run equals a
     straight one, and `export` writes a value model of the policy's trunk and that
