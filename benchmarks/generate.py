@@ -28,7 +28,7 @@ import common  # noqa: E402
 
 import rlhf_jax  # noqa: E402
 from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import prompt_positions  # noqa: E402
+from rlhf_jax.sampling import _chunk_ranges, prompt_positions  # noqa: E402
 
 PAD_ID = 0
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--decode-chunks",
+        type=int,
+        default=None,
+        help="SamplingConfig.decode_chunks (default: automatic, ~16 decode steps a chunk)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--no-torch", action="store_true", help="skip transformers; random JAX init")
@@ -152,7 +158,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def sampling(new: int) -> rlhf_jax.SamplingConfig:
         return rlhf_jax.SamplingConfig(
-            max_new_tokens=new, temperature=1.0, stop_token_ids=(), pad_token_id=PAD_ID
+            max_new_tokens=new,
+            temperature=1.0,
+            stop_token_ids=(),
+            pad_token_id=PAD_ID,
+            decode_chunks=args.decode_chunks,
         )
 
     gen = jax.jit(rlhf_jax.generate, static_argnums=(1, 5))
@@ -171,7 +181,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return compiled, time.perf_counter() - start
 
     gen_n, compile_n = compile_timed(gen, params, config, tokens, mask, key, sampling(n))
-    prefill_c, compile_prefill = compile_timed(prefill, params, config, tokens, mask, p + n)
+    # The cache generate's prefill fills: long enough for the first decode chunk.
+    chunks = _chunk_ranges(sampling(n))
+    prefill_len = p + (chunks[0][1] - 1 if chunks else 0)
+    prefill_c, compile_prefill = compile_timed(prefill, params, config, tokens, mask, prefill_len)
     fns = {
         "ours_generate": lambda: gen_n(params, tokens, mask, key),
         "ours_prefill": lambda: prefill_c(params, tokens, mask),

@@ -143,6 +143,7 @@ class CriticFreeConfig:
       recompute_old_logprobs: recompute rollout log-probs with a training-style forward instead of
         taking them from the sampler.
       logprob_chunk_size: positions per chunk when computing log-probs from hidden states.
+      decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
     """
 
     num_prompts: int
@@ -165,6 +166,7 @@ class CriticFreeConfig:
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False
     logprob_chunk_size: int | None = None
+    decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
         if type(self) is CriticFreeConfig:
@@ -220,6 +222,7 @@ class CriticFreeConfig:
             min_p=self.min_p,
             stop_token_ids=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
+            decode_chunks=self.decode_chunks,
         )
 
     def rollout_spec(self) -> RolloutSpec:

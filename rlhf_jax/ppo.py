@@ -80,6 +80,7 @@ class PPOConfig:
       recompute_old_logprobs: recompute rollout log-probs with a separate training-style forward
         pass instead of taking them from sampling (removes the sampler/trainer numeric gap).
       logprob_chunk_size: positions per chunk when computing log-probs from hidden states.
+      decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
     """
 
     batch_size: int
@@ -117,6 +118,7 @@ class PPOConfig:
     ptx_coef: float = 0.0
     recompute_old_logprobs: bool = False
     logprob_chunk_size: int | None = None
+    decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -151,6 +153,7 @@ class PPOConfig:
             temperature=self.temperature,
             stop_token_ids=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
+            decode_chunks=self.decode_chunks,
         )
 
     def kl_controller(self) -> KLController:

@@ -33,6 +33,12 @@ class SamplingConfig:
       stop_early: True: rows stop at their stop token (mask 0 afterwards). False: rows keep
         sampling to T tokens and are truncated afterwards (TRL's `early_stopping=False`; the tokens
         and mask are identical in distribution, only the random stream differs).
+      decode_chunks: the decode steps run as this many consecutive scans, each over a KV cache
+        only as long as the slots written by its end (the cache grows between chunks), so early
+        steps do not read the empty tail of the cache. Identical samples; each chunk is compiled
+        separately. None (default): one chunk per ~16 steps, at most 8 (one up to 24 new tokens).
+        Measured on the 2-core CPU (4-layer Llama, batch 16, prompt 32): 64 new tokens 5% faster
+        with 4 chunks, 128 new tokens 11% faster with 4-8.
     """
 
     max_new_tokens: int
@@ -44,6 +50,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     stop_early: bool = True
+    decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -58,6 +65,10 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p < 1.0:
             raise ValueError(f"min_p must be in [0, 1), got {self.min_p}")
+        if self.decode_chunks is not None and self.decode_chunks < 1:
+            raise ValueError(
+                f"decode_chunks must be >= 1 (or None for automatic), got {self.decode_chunks}"
+            )
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
 
@@ -147,6 +158,36 @@ def _sample(key: jax.Array, logits_BV: jax.Array, config: SamplingConfig) -> jax
     return _categorical(key, filter_logits(logits_BV, config))
 
 
+_CHUNK_STEPS, _MAX_CHUNKS = 16, 8
+
+
+def _chunk_ranges(config: SamplingConfig) -> list[tuple[int, int]]:
+    """The decode steps `t = 1 .. max_new_tokens - 1` (step t emits token t) as consecutive
+    `[start, stop)` ranges of near-equal size (empty for a single new token)."""
+    steps = config.max_new_tokens - 1
+    if steps == 0:
+        return []
+    n = config.decode_chunks
+    if n is None:
+        n = max(1, min(_MAX_CHUNKS, round(steps / _CHUNK_STEPS)))
+    n = min(n, steps)
+    bounds = [1 + (i * steps) // n for i in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _grow_cache(cache: models.KVCache, max_len: int) -> models.KVCache:
+    """`cache` with `max_len` slots: empty (masked) slots appended."""
+    extra = max_len - cache.mask.shape[1]
+    if extra <= 0:
+        return cache
+    pad_s = ((0, 0), (0, 0), (0, extra), (0, 0))
+    return cache.replace(
+        k=tuple(jnp.pad(x, pad_s) for x in cache.k),
+        v=tuple(jnp.pad(x, pad_s) for x in cache.v),
+        mask=jnp.pad(cache.mask, ((0, 0), (0, extra))),
+    )
+
+
 def prompt_positions(prompt_mask_BP: ArrayLike) -> jax.Array:
     """Position ids of left-padded prompts: the exclusive cumsum of the mask (int32)."""
     mask = jnp.asarray(prompt_mask_BP, jnp.int32)
@@ -190,7 +231,11 @@ def generate(
 
     # Per-layer weights, sliced once for prefill and all decode steps (not once per step).
     params = models.unstack_layers(params)
-    cache = models.init_cache(model_config, batch, prompt_len + length)
+    # Step t writes the k/v of token t - 1 to slot prompt_len + t - 1: a chunk of steps
+    # [start, stop) needs prompt_len + stop - 1 slots.
+    chunks = _chunk_ranges(config)
+    cache_len = prompt_len + (chunks[0][1] - 1 if chunks else 0)
+    cache = models.init_cache(model_config, batch, cache_len)
     hidden, cache = models.forward(
         params, model_config, tokens_BP, prompt_positions(mask_BP), mask_BP, cache
     )
@@ -228,13 +273,16 @@ def generate(
 
     keys = jax.random.split(key, length)
     token0_B, logprob0_B, real0_B, done0_B = emit(keys[0], logits_BV, jnp.zeros((batch,), bool))
-    _, (tokens_TB, logprobs_TB) = jax.lax.scan(
-        step,
-        (cache, token0_B, real0_B, done0_B),
-        (keys[1:], jnp.arange(1, length, dtype=jnp.int32)),
-    )
-    tokens_BT = jnp.concatenate([token0_B[:, None], tokens_TB.T], axis=1)
-    logprobs_BT = jnp.concatenate([logprob0_B[:, None], logprobs_TB.T], axis=1)
+    carry = (cache, token0_B, real0_B, done0_B)
+    tokens, logprobs = [token0_B[:, None]], [logprob0_B[:, None]]
+    for start, stop in chunks:
+        carry = (_grow_cache(carry[0], prompt_len + stop - 1),) + carry[1:]
+        steps = (keys[start:stop], jnp.arange(start, stop, dtype=jnp.int32))
+        carry, (tokens_TB, logprobs_TB) = jax.lax.scan(step, carry, steps)
+        tokens.append(tokens_TB.T)
+        logprobs.append(logprobs_TB.T)
+    tokens_BT = jnp.concatenate(tokens, axis=1)
+    logprobs_BT = jnp.concatenate(logprobs, axis=1)
 
     tokens_BT, lengths_B = truncate_after_stop(tokens_BT, stops, pad)
     mask_BT = response_mask(lengths_B, length)

@@ -15,7 +15,13 @@ from hf_utils import EOS_ID, PAD_ID, state_dict_numpy, tiny_hf_model
 import rlhf_jax as rj
 from rlhf_jax import models
 from rlhf_jax.models.hf import config_from_hf, hf_to_params
-from rlhf_jax.sampling import SamplingConfig, filter_logits, generate, prompt_positions
+from rlhf_jax.sampling import (
+    SamplingConfig,
+    _chunk_ranges,
+    filter_logits,
+    generate,
+    prompt_positions,
+)
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
 jit_generate = jax.jit(generate, static_argnums=(1, 5))
@@ -103,8 +109,8 @@ def test_greedy_stop_handling_matches_transformers():
     assert int(out.sequence_lengths[0]) <= 3
 
 
-@pytest.mark.parametrize("stop_early", [True, False])
-def test_logprobs_equal_a_full_forward_pass(stop_early):
+@pytest.mark.parametrize("stop_early, chunks", [(True, 1), (False, 1), (True, 4)])
+def test_logprobs_equal_a_full_forward_pass(stop_early, chunks):
     _, params, config = llama()
     tokens, mask = left_padded_prompts(batch=4)
     cfg = SamplingConfig(
@@ -113,6 +119,7 @@ def test_logprobs_equal_a_full_forward_pass(stop_early):
         stop_token_ids=(5, 6, 7),
         pad_token_id=PAD_ID,
         stop_early=stop_early,
+        decode_chunks=chunks,
     )
     out = jit_generate(params, config, tokens, mask, jax.random.key(3), cfg)
     logits = full_logits(params, config, tokens, mask, out.tokens, out.mask) / 0.7
@@ -240,6 +247,45 @@ def test_same_key_same_output_and_independent_rows():
     assert not np.array_equal(a.tokens, c.tokens)
 
 
+def test_chunked_decoding_gives_the_same_samples():
+    """Decoding in chunks over a growing cache changes only which empty slots are read."""
+    hf_model, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=4)
+    base = dict(max_new_tokens=13, temperature=0.7, pad_token_id=PAD_ID)
+    free = jit_generate(params, config, tokens, mask, jax.random.key(2), SamplingConfig(**base))
+    base["stop_token_ids"] = (int(free.tokens[0, 4]), int(free.tokens[1, 7]))
+    one = jit_generate(params, config, tokens, mask, jax.random.key(2), SamplingConfig(**base))
+    assert int(jnp.sum(one.stopped)) >= 2, "rows 0 and 1 meet a stop token"
+    cfg = SamplingConfig(**base, decode_chunks=5)
+    out = jit_generate(params, config, tokens, mask, jax.random.key(2), cfg)
+    np.testing.assert_array_equal(out.tokens, one.tokens)
+    np.testing.assert_array_equal(out.mask, one.mask)
+    np.testing.assert_array_equal(out.sequence_lengths, one.sequence_lengths)
+    np.testing.assert_allclose(out.logprobs, one.logprobs, rtol=0, atol=1e-6)
+    greedy = SamplingConfig(max_new_tokens=10, greedy=True, pad_token_id=PAD_ID, decode_chunks=3)
+    out = jit_generate(params, config, tokens, mask, jax.random.key(0), greedy)
+    np.testing.assert_array_equal(out.tokens, hf_greedy(hf_model, tokens, mask, 10))
+
+
+@pytest.mark.parametrize("new_tokens", [1, 2, 24, 25, 64, 53, 1000])
+@pytest.mark.parametrize("chunks", [None, 1, 3, 8])
+def test_chunk_ranges_cover_every_decode_step_once(new_tokens, chunks):
+    ranges = _chunk_ranges(SamplingConfig(max_new_tokens=new_tokens, decode_chunks=chunks))
+    steps = [t for start, stop in ranges for t in range(start, stop)]
+    assert steps == list(range(1, new_tokens))
+    assert all(stop > start for start, stop in ranges)
+    sizes = [stop - start for start, stop in ranges]
+    assert not sizes or max(sizes) - min(sizes) <= 1
+    if chunks is not None:
+        assert len(ranges) == min(chunks, new_tokens - 1)
+    elif new_tokens == 1:
+        assert ranges == []
+    elif new_tokens <= 24:  # automatic: one chunk up to 24 new tokens
+        assert len(ranges) == 1
+    else:  # then about 16 steps a chunk, at most 8 chunks
+        assert len(ranges) == min(8, round((new_tokens - 1) / 16)) >= 2
+
+
 def test_compiles_once_for_repeated_calls():
     _, params, config = llama()
     chex.clear_trace_counter()
@@ -255,6 +301,8 @@ def test_bad_config_and_inputs():
         SamplingConfig(max_new_tokens=4, temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(max_new_tokens=4, top_p=1.5)
+    with pytest.raises(ValueError, match="decode_chunks must be >= 1"):
+        SamplingConfig(max_new_tokens=4, decode_chunks=0)
     _, params, config = llama()
     with pytest.raises(ValueError, match="must both be"):
         generate(
