@@ -134,6 +134,7 @@ def ppo_problem() -> dict[str, Any]:
         total_iterations=10,
         kl_target=0.5,
         kl_horizon=100.0,
+        decode_chunks=2,  # the rollout's cache grows once, sharded
     )
     rng = np.random.default_rng(7)
     prompt_len = 5

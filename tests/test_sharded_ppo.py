@@ -36,7 +36,9 @@ PROBLEM = multihost_worker.ppo_problem()
 CONFIG, PPO_MODELS = PROBLEM["config"], PROBLEM["ppo_models"]
 POLICY, REWARD = PPO_MODELS.policy, PPO_MODELS.reward
 PROMPTS, PROMPT_MASK = PROBLEM["prompts"], PROBLEM["prompt_mask"]
-GREEDY = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(2,))
+# Three decode chunks: the growing cache is sharded like the fixed one (chunked == one scan on a
+# single device is tests/test_sampling.py's).
+GREEDY = SamplingConfig(max_new_tokens=6, greedy=True, stop_token_ids=(2,), decode_chunks=3)
 # The default run keeps all three axes together; pure data parallelism (also the trainer tests'
 # default mesh), fsdp=8 and fsdp x tensor=4 run with `-m slow` (CI runs both).
 MESH_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n != "2x2x2" else n for n in MESHES]
