@@ -39,14 +39,14 @@ def apply_if_finite(
     """Applies one optimiser step per `(tx, grads, opt_state, params)`, all or none.
 
     The step is skipped (params and optimiser states returned unchanged) when `loss` or any
-    gradient norm is not finite; the norms are `optax.global_norm`, so an inf or NaN anywhere in
+    gradient norm is not finite; the norms are `optax.tree.norm`, so an inf or NaN anywhere in
     a gradient makes its norm non-finite (as does a finite gradient whose squares overflow, which
     global-norm clipping could not use either). A `lax.cond`, so a skipped step costs nothing.
 
     Returns `[(params, opt_state), ...]`, `ok` (bool scalar, the step was applied) and the
     gradient norms.
     """
-    norms = [optax.global_norm(grads) for _, grads, _, _ in models]
+    norms = [optax.tree.norm(grads) for _, grads, _, _ in models]
     ok = jnp.isfinite(loss)
     for norm in norms:
         ok = ok & jnp.isfinite(norm)

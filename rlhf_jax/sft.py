@@ -110,7 +110,7 @@ def make_train_step(
         grads, aux = jax.lax.scan(accumulate, zeros, micro)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         metrics = jax.tree.map(jnp.mean, aux)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
         return new, metrics
 
