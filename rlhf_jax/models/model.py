@@ -418,7 +418,11 @@ class Transformer(nn.Module):
             self.score = Dense(c, (c.num_labels,), ("embed", None), False)
 
     def embed_tokens(self, tokens_BT, positions_BT):
-        h = self.embed(tokens_BT)
+        # The lookup reads a table gathered along `embed` (sharded over the vocabulary only): the
+        # rows come out split over the batch axes, which a table split along `embed` over `fsdp`
+        # cannot give without replicating the gathered activations first.
+        table_VD = _constrain(self.embed.embedding, "vocab", None)
+        h = jnp.take(table_VD.astype(self.config.compute_dtype), tokens_BT, axis=0)
         if self.config.positions == "learned":
             h = h + self.pos_embed(positions_BT)
         return _constrain(h, "batch", "length", "act_embed")
