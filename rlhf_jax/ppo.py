@@ -349,9 +349,14 @@ def reward_scores(
     responses_BT: jax.Array,
     mask_BT: jax.Array,
 ) -> jax.Array:
-    """Reward-model score `[B]` (float32) read at the last real token of prompt + response."""
+    """Reward-model score `[B]` (float32) read at the last real token of prompt + response (the
+    last layer computes only positions `P-1 ..`: prompts are left-padded, so the last real token
+    is never earlier)."""
     tokens, positions, mask = _sequence(prompts_BP, prompt_mask_BP, responses_BT, mask_BT)
-    return models.sequence_scores(params, config, tokens, positions, mask)[:, 0].astype(jnp.float32)
+    scores = models.sequence_scores(
+        params, config, tokens, positions, mask, first_scored=prompts_BP.shape[1] - 1
+    )
+    return scores[:, 0].astype(jnp.float32)
 
 
 def value_head_init(config: models.ModelConfig) -> Params:

@@ -200,7 +200,13 @@ def test_reward_score_matches_torch_sequence_classification(name):
     positions = np.cumsum(mask, axis=1) - mask
     ours = sequence_scores_fn(params, config, tokens, positions, mask)
     assert ours.shape == (B, 1)
-    np.testing.assert_allclose(ours, torch_logits(model, tokens, mask), atol=ATOL, rtol=0)
+    want = torch_logits(model, tokens, mask)
+    np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
+    # The last layer on positions 3.. only (every row's last real token is at 3 or later).
+    partial = jax.jit(functools.partial(sequence_scores, first_scored=3), static_argnums=1)
+    np.testing.assert_allclose(partial(params, config, tokens, positions, mask), want, atol=ATOL)
+    with pytest.raises(ValueError, match="first_scored"):
+        sequence_scores(params, config, tokens, positions, mask, first_scored=T)
 
 
 def test_forward_compiles_once():

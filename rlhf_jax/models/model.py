@@ -628,11 +628,23 @@ def sequence_scores(
     tokens_BT: jax.Array,
     positions_BT: jax.Array,
     mask_BT: jax.Array,
+    *,
+    first_scored: int = 0,
 ) -> jax.Array:
     """Reward-model output `[B, num_labels]`: the score at the last real (mask = 1) token of each
-    row, like HF sequence classification reading the last non-pad token. All-pad rows read 0."""
-    hidden_BTD, _ = forward(params, config, tokens_BT, positions_BT, mask_BT)
+    row, like HF sequence classification reading the last non-pad token. All-pad rows read 0.
+
+    `first_scored` (static): a position at or before every row's last real token (e.g. `P - 1`
+    for left-padded prompts of length P followed by responses); the last layer then computes only
+    positions `first_scored ..` (`forward(..., outputs=)`). Rows whose last real token lies
+    before it read position `first_scored`.
+    """
     t = tokens_BT.shape[1]
+    if not 0 <= first_scored < t:
+        raise ValueError(f"sequence_scores: first_scored={first_scored} must be in [0, {t})")
+    outputs = (first_scored, t - first_scored) if first_scored else None
+    hidden_BSD, _ = forward(params, config, tokens_BT, positions_BT, mask_BT, outputs=outputs)
     last_B = jnp.max(jnp.where(mask_BT.astype(bool), jnp.arange(t), 0), axis=1)
-    hidden_B1D = jnp.take_along_axis(hidden_BTD, last_B[:, None, None], axis=1)
+    index_B = jnp.maximum(last_B - first_scored, 0)
+    hidden_B1D = jnp.take_along_axis(hidden_BSD, index_B[:, None, None], axis=1)
     return score(params, config, hidden_B1D)[:, 0]
