@@ -103,10 +103,11 @@ PPO_LOCAL_DEVICES = 4  # per process: 2 processes hold the 8 devices of the mesh
 PPO_ITERATIONS = 2
 
 
-def ppo_problem() -> dict[str, Any]:
+def ppo_problem(shared_value_head: bool = False) -> dict[str, Any]:
     """A tiny deterministic PPO problem: Llama policy/value/reward configs with heads, kv heads,
     vocabulary and hidden sizes divisible by every test mesh, a `PPOConfig` whose batch (16)
-    divides by data*fsdp <= 8, and left-padded prompts."""
+    divides by data*fsdp <= 8, and left-padded prompts. `shared_value_head`: the value head on
+    the policy trunk (`PPOModels(value=None)`) instead of a value model."""
     from rlhf_jax import models, ppo
 
     policy = models.ModelConfig(
@@ -143,7 +144,9 @@ def ppo_problem() -> dict[str, Any]:
     tokens = rng.integers(3, policy.vocab_size, size=(config.batch_size, prompt_len))
     return {
         "config": config,
-        "ppo_models": ppo.PPOModels(policy=policy, value=reward, reward=reward),
+        "ppo_models": ppo.PPOModels(
+            policy=policy, value=None if shared_value_head else reward, reward=reward
+        ),
         "prompts": np.where(mask, tokens, 0).astype(np.int32),
         "prompt_mask": mask,
     }
@@ -166,21 +169,29 @@ def ppo_iteration_key(i: int) -> Any:
     return jax.random.key(100 + i)
 
 
-def ppo_setup(mesh: Any) -> dict[str, Any]:
+def ppo_setup(mesh: Any, shared_value_head: bool = False) -> dict[str, Any]:
     """Sharded params (born sharded, same seeds in every process), the initial state and this
-    process's rows of the prompt batch placed on `mesh`."""
+    process's rows of the prompt batch placed on `mesh`. The value model is initialised from the
+    reward model; a shared value head from a random (non-zero) kernel."""
     import jax
 
     from rlhf_jax import ppo
     from rlhf_jax import sharding as sh
 
-    problem = ppo_problem()
+    problem = ppo_problem(shared_value_head)
     config, ppo_models = problem["config"], problem["ppo_models"]
     policy = sh.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
     reward = ppo_scale_reward(sh.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh))
+    value = reward
+    if shared_value_head:
+        shape = (ppo_models.policy.hidden_size, 1)
+        value = jax.jit(
+            lambda k: {"score": {"kernel": 0.1 * jax.random.normal(k, shape)}},
+            out_shardings=ppo.ppo_shardings(config, ppo_models, mesh).state.value_params,
+        )(jax.random.key(5))
     rows = sh.local_batch_slice(mesh, config.batch_size)
     return {
-        "state": ppo.jit_init_state(config, ppo_models, mesh)(policy, reward),
+        "state": ppo.jit_init_state(config, ppo_models, mesh)(policy, value),
         "frozen": ppo.FrozenParams(ref=policy, reward=reward),
         "batch": sh.place_batch((problem["prompts"][rows], problem["prompt_mask"][rows]), mesh),
         "rows": rows,
@@ -205,14 +216,14 @@ def ppo_summaries(state: Any, mesh: Any) -> dict[str, np.ndarray]:
     return {k: np.asarray(v.addressable_data(0)) for k, v in sums.items()}
 
 
-def ppo_run(mesh: Any) -> dict[str, np.ndarray]:
+def ppo_run(mesh: Any, shared_value_head: bool = False) -> dict[str, np.ndarray]:
     """`PPO_ITERATIONS` sharded PPO iterations on `mesh`; every process of a multi-process run
     calls it and feeds only its own rows of the prompt batch. Returns the metrics of every
     iteration (`"{i}/{name}"`) and global reductions of the final state (`ppo_summaries`)."""
     from rlhf_jax import ppo
 
-    problem = ppo_problem()
-    setup = ppo_setup(mesh)
+    problem = ppo_problem(shared_value_head)
+    setup = ppo_setup(mesh, shared_value_head)
     iteration = ppo.jit_ppo_iteration(problem["config"], problem["ppo_models"], mesh)
     state, out = setup["state"], {}
     for i in range(PPO_ITERATIONS):
@@ -320,6 +331,16 @@ def task_ppo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     return out if sh.is_main_process() else None
 
 
+def task_ppo_shared(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+    import jax
+
+    from rlhf_jax import sharding as sh
+
+    out = ppo_run(sh.make_mesh(sh.MeshConfig(**PPO_MESH_SIZES)), shared_value_head=True)
+    out["process_count"] = np.asarray(jax.process_count())
+    return out if sh.is_main_process() else None
+
+
 def task_grpo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     import jax
 
@@ -333,6 +354,7 @@ def task_grpo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
 TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
     "reduce": task_reduce,
     "ppo": task_ppo,
+    "ppo_shared": task_ppo_shared,
     "grpo": task_grpo,
 }
 

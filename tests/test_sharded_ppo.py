@@ -398,6 +398,29 @@ def test_grpo_two_processes_match_one_process(tmp_path):
         np.testing.assert_allclose(got[key], want, **TOL, err_msg=key)
 
 
+@pytest.mark.slow  # two fresh processes compile the PPO iteration
+def test_shared_value_head_two_processes_match_one_process(tmp_path):
+    """PPO with the value head on the policy trunk on a 2x2x2 mesh held by 2 processes x 4
+    devices gives the metrics and final state of this process's 2x2x2 run (which equals one
+    device: `test_shared_value_head_iteration_matches_single_device`)."""
+    workers = multihost_worker.launch(
+        "ppo_shared", tmp_path, num_processes=2, local_devices=multihost_worker.PPO_LOCAL_DEVICES
+    )
+    try:
+        expected = multihost_worker.ppo_run(sh.make_mesh(MESHES["2x2x2"]), shared_value_head=True)
+    finally:
+        results = multihost_worker.wait_or_fail(workers, timeout=600.0)
+    got = results[0]
+    assert results[1] is None and int(got["process_count"]) == 2
+    assert float(expected["0/val/values_mean"]) != 0.0 and float(expected["value_sq_sum"]) > 0
+    assert list(got["local_rows"]) == [0, CONFIG.batch_size // 2]
+    for key in ("prompts_spec", "q_spec"):
+        assert str(got[key]) == str(expected[key])
+    for key, want in expected.items():
+        if key not in ("local_rows", "prompts_spec", "q_spec"):
+            np.testing.assert_allclose(got[key], want, **TOL, err_msg=key)
+
+
 MULTIPROCESS_TEST = "test_two_processes_match_one_process"
 
 
