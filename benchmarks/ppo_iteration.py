@@ -183,15 +183,15 @@ def _forward_flops(
     positions: int,
     context_before: int,
     head_positions: int,
-    outputs: int | None = None,
+    outputs: tuple[int, int] | None = None,
 ) -> float:
     """Model FLOPs of a forward over `positions` tokens per row whose first token already has
     `context_before` tokens before it: 2 * matmul params per token in the layers, causal attention
     (each query reads the keys at and before it: 4 * heads * head_dim FLOPs per (query, key) pair
     per layer) and the head (2 * hidden * outputs) on `head_positions` positions per row.
-    `outputs`: a full pass asked for the `outputs` positions ending one before the last
-    (`forward(..., outputs=...)`, PPO's response states); with unrolled layers its last layer
-    computes queries, attention output and MLP only there."""
+    `outputs=(start, length)`: a full pass asked for those positions only (`forward(...,
+    outputs=...)`: PPO's response states, the reward model's possible score positions); with
+    unrolled layers its last layer computes queries, attention output and MLP only there."""
     d, f, h, n, k = c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
     mlp = (3 if c.mlp == "gated" else 2) * d * f
     per_layer = d * h * k + 2 * d * n * k + h * k * d + mlp
@@ -199,9 +199,10 @@ def _forward_flops(
     keys = positions * context_before + positions * (positions + 1) / 2
     attn = 4 * h * k * c.num_layers * keys
     if outputs is not None and not c.use_scan:
-        start = positions - outputs - 1
-        body -= 2 * (d * h * k + h * k * d + mlp) * (positions - outputs)
-        attn -= 4 * h * k * (keys - (outputs * (start + 1) + outputs * (outputs - 1) / 2))
+        start, length = outputs
+        body -= 2 * (d * h * k + h * k * d + mlp) * (positions - length)
+        last_layer_keys = length * (context_before + start) + length * (length + 1) / 2
+        attn -= 4 * h * k * (keys - last_layer_keys)
     outputs = c.vocab_size if c.head == "lm" else c.num_labels
     return batch * (body + attn + 2 * d * outputs * head_positions)
 
@@ -214,9 +215,10 @@ def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[s
     # generation: prefill of the prompt (logits at its last token), then T - 1 decode steps
     gen = _forward_flops(pol, b, prompt, 0, 1) + _forward_flops(pol, b, t - 1, prompt, t - 1)
     # training-style forwards run the whole prompt + response; LM logits only on the T responses
-    policy_fwd = _forward_flops(pol, b, s, 0, t, outputs=t)
-    value_fwd = _forward_flops(val, b, s, 0, t, outputs=t)
-    reward_fwd = _forward_flops(rew, b, s, 0, 1)
+    policy_fwd = _forward_flops(pol, b, s, 0, t, outputs=(prompt - 1, t))
+    value_fwd = _forward_flops(val, b, s, 0, t, outputs=(prompt - 1, t))
+    # the reward model's last layer: the positions where a score can sit (P - 1 ..)
+    reward_fwd = _forward_flops(rew, b, s, 0, 1, outputs=(prompt - 1, t + 1))
     flops = {
         "generation": gen,
         "ref_forward": policy_fwd,
