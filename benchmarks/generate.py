@@ -28,7 +28,7 @@ import common  # noqa: E402
 
 import rlhf_jax  # noqa: E402
 from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import _chunk_ranges, prompt_positions  # noqa: E402
+from rlhf_jax.sampling import prefill_cache_length, prompt_positions  # noqa: E402
 
 PAD_ID = 0
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -181,9 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return compiled, time.perf_counter() - start
 
     gen_n, compile_n = compile_timed(gen, params, config, tokens, mask, key, sampling(n))
-    # The cache generate's prefill fills: long enough for the first decode chunk.
-    chunks = _chunk_ranges(sampling(n))
-    prefill_len = p + (chunks[0][1] - 1 if chunks else 0)
+    prefill_len = prefill_cache_length(sampling(n), p)  # the cache generate's prefill fills
     prefill_c, compile_prefill = compile_timed(prefill, params, config, tokens, mask, prefill_len)
     fns = {
         "ours_generate": lambda: gen_n(params, tokens, mask, key),

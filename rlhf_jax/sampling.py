@@ -175,6 +175,14 @@ def _chunk_ranges(config: SamplingConfig) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def prefill_cache_length(config: SamplingConfig, prompt_len: int) -> int:
+    """Slots of the KV cache `generate`'s prefill fills: the prompt plus the slots written by the
+    first decode chunk (step t writes the k/v of token t - 1 to slot `prompt_len + t - 1`, so a
+    chunk of steps `[start, stop)` needs `prompt_len + stop - 1`)."""
+    chunks = _chunk_ranges(config)
+    return prompt_len + (chunks[0][1] - 1 if chunks else 0)
+
+
 def _grow_cache(cache: models.KVCache, max_len: int) -> models.KVCache:
     """`cache` with `max_len` slots: empty (masked) slots appended."""
     extra = max_len - cache.mask.shape[1]
@@ -231,11 +239,7 @@ def generate(
 
     # Per-layer weights, sliced once for prefill and all decode steps (not once per step).
     params = models.unstack_layers(params)
-    # Step t writes the k/v of token t - 1 to slot prompt_len + t - 1: a chunk of steps
-    # [start, stop) needs prompt_len + stop - 1 slots.
-    chunks = _chunk_ranges(config)
-    cache_len = prompt_len + (chunks[0][1] - 1 if chunks else 0)
-    cache = models.init_cache(model_config, batch, cache_len)
+    cache = models.init_cache(model_config, batch, prefill_cache_length(config, prompt_len))
     hidden, cache = models.forward(
         params, model_config, tokens_BP, prompt_positions(mask_BP), mask_BP, cache
     )
@@ -275,7 +279,8 @@ def generate(
     token0_B, logprob0_B, real0_B, done0_B = emit(keys[0], logits_BV, jnp.zeros((batch,), bool))
     carry = (cache, token0_B, real0_B, done0_B)
     tokens, logprobs = [token0_B[:, None]], [logprob0_B[:, None]]
-    for start, stop in chunks:
+    for start, stop in _chunk_ranges(config):
+        # The chunk writes slots up to prompt_len + stop - 2 (see prefill_cache_length).
         carry = (_grow_cache(carry[0], prompt_len + stop - 1),) + carry[1:]
         steps = (keys[start:stop], jnp.arange(start, stop, dtype=jnp.int32))
         carry, (tokens_TB, logprobs_TB) = jax.lax.scan(step, carry, steps)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import socket
 import subprocess
@@ -319,25 +320,17 @@ def task_reduce(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return out
 
 
-def task_ppo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
+def task_ppo(
+    args: argparse.Namespace, shared_value_head: bool = False
+) -> dict[str, np.ndarray] | None:
     import jax
 
     from rlhf_jax import sharding as sh
 
     mesh = sh.make_mesh(sh.MeshConfig(**PPO_MESH_SIZES))
-    out = ppo_run(mesh)
+    out = ppo_run(mesh, shared_value_head)
     out["process_count"] = np.asarray(jax.process_count())
     out["global_devices"] = np.asarray(jax.device_count())
-    return out if sh.is_main_process() else None
-
-
-def task_ppo_shared(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
-    import jax
-
-    from rlhf_jax import sharding as sh
-
-    out = ppo_run(sh.make_mesh(sh.MeshConfig(**PPO_MESH_SIZES)), shared_value_head=True)
-    out["process_count"] = np.asarray(jax.process_count())
     return out if sh.is_main_process() else None
 
 
@@ -354,7 +347,7 @@ def task_grpo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
 TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
     "reduce": task_reduce,
     "ppo": task_ppo,
-    "ppo_shared": task_ppo_shared,
+    "ppo_shared": functools.partial(task_ppo, shared_value_head=True),
     "grpo": task_grpo,
 }
 
