@@ -87,26 +87,52 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5
     return 2.0 * n**3 / seconds
 
 
-def tiny_llama(args: Any, **overrides: Any) -> Any:
-    """The peer script's random Llama from the benchmark flags (`--layers --hidden --intermediate
-    --heads --vocab --prompt-len --response-len`): `--vocab N` ordinary tokens plus pad (id N)
-    and eos (id N + 1). `overrides` replace any `ModelConfig` field."""
+def llama_config(
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    kv_heads: int | None = None,
+    max_positions: int = 2048,
+    **overrides: Any,
+) -> Any:
+    """A Llama `ModelConfig` from the benchmark sizes (head_dim = hidden / heads); `overrides`
+    replace any other field."""
     from rlhf_jax import models
 
     fields = dict(
         family="llama",
-        vocab_size=args.vocab + 2,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.heads,
-        num_kv_heads=args.heads,
-        head_dim=args.hidden // args.heads,
-        intermediate_size=args.intermediate,
-        max_position_embeddings=max(512, args.prompt_len + args.response_len),
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=heads if kv_heads is None else kv_heads,
+        head_dim=hidden // heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+    )
+    return models.ModelConfig(**{**fields, **overrides})
+
+
+def tiny_llama(args: Any, **overrides: Any) -> Any:
+    """The peer script's random Llama from the benchmark flags (`--layers --hidden --intermediate
+    --heads --vocab --prompt-len --response-len`): `--vocab N` ordinary tokens plus pad (id N)
+    and eos (id N + 1). `overrides` replace any `ModelConfig` field."""
+    fields = dict(
+        max_positions=max(512, args.prompt_len + args.response_len),
         pad_token_id=args.vocab,
         eos_token_id=args.vocab + 1,
     )
-    return models.ModelConfig(**{**fields, **overrides})
+    return llama_config(
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        vocab=args.vocab + 2,
+        **{**fields, **overrides},
+    )
 
 
 def peak_rss_mb() -> float:

@@ -11,6 +11,7 @@ matmul rate, and the linearity check: our time for `2N` new tokens over our time
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import sys
 import time
@@ -85,28 +86,15 @@ def hf_config(args: argparse.Namespace) -> Any:
 
 def build_models(args: argparse.Namespace) -> tuple[Any, Any, models.ModelConfig]:
     """(torch model or None, our params, our config), with identical weights when torch is on."""
-    if args.no_torch:
-        config = models.ModelConfig(
-            family=args.arch,
-            vocab_size=args.vocab,
-            hidden_size=args.hidden,
-            num_layers=args.layers,
-            num_heads=args.heads,
-            num_kv_heads=args.kv_heads,
-            head_dim=args.hidden // args.heads,
-            intermediate_size=args.intermediate,
-            max_position_embeddings=2048,
-            attn_bias=args.arch == "qwen2",
-            qk_norm=args.arch == "qwen3",
-            dtype=args.dtype,
-        )
+    from rlhf_jax.models.hf import config_from_hf, hf_to_params
+
+    if args.no_torch:  # the same config, from transformers' config class, without its model
+        config = dataclasses.replace(config_from_hf(hf_config(args)), dtype=args.dtype)
         params = jax.jit(models.init_params, static_argnums=0)(config, jax.random.key(0))
         return None, params, config
 
     import torch
     import transformers
-
-    from rlhf_jax.models.hf import config_from_hf, hf_to_params
 
     common.set_threads(args.threads)
     torch.manual_seed(0)
@@ -115,7 +103,7 @@ def build_models(args: argparse.Namespace) -> tuple[Any, Any, models.ModelConfig
     model.config.architectures = [type(model).__name__]
     model = model.to(getattr(torch, args.dtype)).eval()
     config = config_from_hf(model.config)
-    config = models.ModelConfig(**{**config.__dict__, "dtype": args.dtype})
+    config = dataclasses.replace(config, dtype=args.dtype)
     tensors = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     params = hf_to_params(tensors, config)
     params = jax.tree.map(lambda x: jnp.asarray(x, config.params_dtype), params)

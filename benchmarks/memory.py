@@ -41,6 +41,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import common  # noqa: E402
+
 from rlhf_jax import models, ppo  # noqa: E402
 from rlhf_jax import sharding as sh  # noqa: E402
 
@@ -80,16 +82,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def llama(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
           dtype: str) -> models.ModelConfig:  # fmt: skip
-    return models.ModelConfig(
-        family="llama",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=hidden // heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=2048,
+    return common.llama_config(
+        layers=layers,
+        hidden=hidden,
+        intermediate=intermediate,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
         dtype=dtype,
         param_dtype=dtype,
     )
@@ -259,8 +258,6 @@ def main(argv: list[str] | None = None) -> None:
         print(text)
         results["real"] = real
     if args.json:
-        import common
-
         common.write_json(args.json, "memory", vars(args), results)
 
 
