@@ -557,7 +557,8 @@ class MeshJit:
     effect without the caller managing a context. Call it like the function; ``lower``,
     ``trace`` and ``eval_shape`` work as on a jitted function. Arguments are first bound to
     ``fn``'s signature (defaults filled in) and passed positionally, so ``in_shardings`` with
-    one entry per parameter also cover defaulted and keyword arguments. ``jitted`` is the
+    one entry per positional parameter also cover defaulted and keyword arguments (keyword-only
+    parameters, e.g. those a ``functools.partial`` binds, are not passed). ``jitted`` is the
     underlying ``jax.jit`` object (calling it outside the context would trace without the
     constraints).
     """
@@ -573,7 +574,14 @@ class MeshJit:
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         bound = self._signature.bind(*args, **kwargs)
-        bound.apply_defaults()
+        # Defaults of positional parameters are passed explicitly; keyword-only ones are left to
+        # the function (`functools.partial(fn, config=...)` shows its bound keywords as
+        # keyword-only defaults: passing them would make them traced arguments).
+        positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for name, param in self._signature.parameters.items():
+            if param.kind in positional and name not in bound.arguments:
+                if param.default is not inspect.Parameter.empty:
+                    bound.arguments[name] = param.default
         return bound.args, bound.kwargs
 
     def _run(self, method: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import sys
 from pathlib import Path
 
@@ -294,6 +296,32 @@ def test_with_rules_makes_constraints_effective(reference):
     assert count(plain) == 0
     assert count(constrained) == 7  # every nn.with_logical_constraint in ToyBlock
     assert "tensor" in constrained and "fsdp" in constrained
+
+
+def test_jit_with_rules_binds_arguments_like_the_function():
+    """Positional defaults are passed (so per-parameter in_shardings cover them); keyword-only
+    parameters, like the keywords a `functools.partial` binds, stay with the function: a
+    non-array config bound that way is not traced."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Scale:
+        factor: float
+
+    def fn(x, y=1.0, *, config):
+        return x * config.factor + y
+
+    mesh = sh.make_mesh(MESHES["2x2x2"])
+    x = jnp.arange(8.0)
+    jitted = sh.jit_with_rules(functools.partial(fn, config=Scale(2.0)), mesh)
+    np.testing.assert_allclose(jitted(x), 2 * np.arange(8.0) + 1)
+    np.testing.assert_allclose(jitted(x, 3.0), 2 * np.arange(8.0) + 3)
+    assert jitted.lower(x).compile() is not None
+    replicated = NamedSharding(mesh, P())
+    ones = jnp.ones(8)
+    with_shardings = sh.jit_with_rules(
+        lambda x, y=ones: x + y, mesh, in_shardings=(replicated, replicated)
+    )
+    np.testing.assert_allclose(with_shardings(x), np.arange(8.0) + 1)
 
 
 def test_sharded_init_with_explicit_specs_and_fn():
