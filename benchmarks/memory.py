@@ -80,20 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def llama(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
-          dtype: str) -> models.ModelConfig:  # fmt: skip
-    return common.llama_config(
-        layers=layers,
-        hidden=hidden,
-        intermediate=intermediate,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        dtype=dtype,
-        param_dtype=dtype,
-    )
-
-
 def ppo_setup(policy: models.ModelConfig) -> tuple[ppo.PPOConfig, ppo.PPOModels]:
     reward = dataclasses.replace(policy, head="score")
     return ppo.PPOConfig(batch_size=8), ppo.PPOModels(policy=policy, value=reward, reward=reward)
@@ -240,16 +226,25 @@ def real_report(policy: models.ModelConfig) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    big = llama(
-        args.layers, args.hidden, args.intermediate, args.heads, args.kv_heads, args.vocab,
-        args.dtype,
-    )  # fmt: skip
+    dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
+    big = common.llama_config(
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        **dtypes,
+    )
     text, columns = abstract_report(big)
     print(text)
     results: dict[str, Any] = {"abstract": columns}
     if args.real_layers:
         hidden = args.real_hidden
-        small = llama(args.real_layers, hidden, 4 * hidden, 4, 4, 8192, args.dtype)
+        small = common.llama_config(
+            layers=args.real_layers, hidden=hidden, intermediate=4 * hidden, heads=4, vocab=8192,
+            **dtypes,
+        )  # fmt: skip
         print()
         text, columns = abstract_report(small)
         print(text)
