@@ -13,10 +13,12 @@ import json
 import math
 import sys
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_jax._host import compile_seconds
 from rlhf_jax.config import LoggingConfig
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,6 +69,34 @@ def format_metrics_line(
     if seconds is not None:
         parts.append(f"{seconds:.2f}s/it")
     return " | ".join(parts)
+
+
+class IterationClock:
+    """Times one training iteration from its creation, and the part of it spent compiling.
+
+    `timings(tokens)` gives the `perf/` scalars for `RunLogger.log`: `iteration_seconds` (wall
+    clock), `compile_seconds` (tracing, lowering and XLA compilation inside the iteration; only
+    when there was any, normally the first iteration) and `tokens_per_second` over the time not
+    spent compiling, so the first iteration's throughput is comparable with the rest.
+    """
+
+    def __init__(self) -> None:
+        self._compile0 = compile_seconds()
+        self._start = time.perf_counter()
+
+    def timings(self, tokens: float | None = None) -> dict[str, float]:
+        seconds = time.perf_counter() - self._start
+        compiling = compile_seconds() - self._compile0
+        out = {"iteration_seconds": seconds}
+        if compiling > 0:
+            out["compile_seconds"] = compiling
+        if tokens is not None:
+            out["tokens_per_second"] = tokens / max(seconds - compiling, 1e-9)
+        return out
+
+
+# Compilation after the first logged iteration is reported on the console from this many seconds.
+RECOMPILE_REPORT_SECONDS = 1.0
 
 
 def _cell(text: str, width: int) -> str:
@@ -141,6 +171,7 @@ class RunLogger:
         self.config = config
         self.total = total_iterations
         self.enabled = enabled
+        self._first_log = True
         self._tb = self._wandb = self._bar = None
         if not enabled:
             return
@@ -205,7 +236,9 @@ class RunLogger:
         timings: Mapping[str, float] | None = None,
     ) -> None:
         """Records one iteration: metrics.jsonl (metrics only), TensorBoard and W&B (metrics and
-        `timings`), the progress bar, and every `log_every` iterations a console line."""
+        `timings`, as `perf/<name>`), the progress bar, and every `log_every` iterations a console
+        line. A `compile_seconds` timing (see `IterationClock`) is also reported on the console:
+        always for the first iteration logged, later only from `RECOMPILE_REPORT_SECONDS`."""
         if not self.enabled:
             return
         record = {"iteration": int(iteration), **{k: float(v) for k, v in metrics.items()}}
@@ -219,6 +252,18 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.log(scalars, step=iteration)
         seconds = (timings or {}).get("iteration_seconds")
+        compiling = (timings or {}).get("compile_seconds", 0.0)
+        if self._first_log and compiling > 0:
+            self.message(
+                f"iteration {iteration}: {compiling:.1f} s of its {seconds or 0:.1f} s went to "
+                "compiling the programs (later iterations reuse them)"
+            )
+        elif compiling >= RECOMPILE_REPORT_SECONDS:
+            self.message(
+                f"iteration {iteration}: {compiling:.1f} s compiling new programs (an input's "
+                "shape, dtype or sharding changed, or a new program ran)"
+            )
+        self._first_log = False
         if self._bar is not None:
             self._bar.update(1)
             short = {s: _format_value(metrics[k]) for k, s in LINE_METRICS[:2] if k in metrics}

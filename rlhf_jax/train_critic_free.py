@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 import jax
@@ -23,7 +22,7 @@ from rlhf_jax import critic_free as cf
 from rlhf_jax import data, models, sharding
 from rlhf_jax import reward_functions as rf
 from rlhf_jax._host import release_host_memory
-from rlhf_jax.logging import METRICS_FILE, RunLogger, plot_run
+from rlhf_jax.logging import METRICS_FILE, IterationClock, RunLogger, plot_run
 from rlhf_jax.ppo import check_finite
 from rlhf_jax.trainer import (
     SetupError,
@@ -200,7 +199,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     try:
         with StopRequest() as stop:
             while iteration < end:
-                t0 = time.perf_counter()
+                clock = IterationClock()
                 rows, position = data.batch_indices(
                     len(dataset),
                     algo.num_prompts,
@@ -222,13 +221,8 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                 if iteration == start + 1:  # compiled now
                     release_host_memory()
                 metrics = {k: float(v) for k, v in out.items()}
-                seconds = time.perf_counter() - t0
                 tokens = metrics.get("response/length_mean", 0.0) * algo.batch_size
-                logger.log(
-                    iteration,
-                    metrics,
-                    timings={"iteration_seconds": seconds, "tokens_per_second": tokens / seconds},
-                )
+                logger.log(iteration, metrics, timings=clock.timings(tokens))
                 stopping = stop.requested()  # once: all processes must see the same answer
                 if stopping or checkpoint_due(iteration, end, config.checkpoint.every):
                     checkpointer.save(

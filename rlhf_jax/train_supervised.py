@@ -19,7 +19,7 @@ from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import data, models, sharding
 from rlhf_jax._host import release_host_memory
-from rlhf_jax.logging import RunLogger
+from rlhf_jax.logging import IterationClock, RunLogger
 from rlhf_jax.reward_model import (
     PreferenceBatch,
     make_rm_step,
@@ -258,6 +258,7 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
 
     metrics: dict[str, float] = {}
     for step in range(start + 1, total + 1):
+        clock = IterationClock()
         rows, position = data.batch_indices(
             len(train_rows), config.batch_size, position, seed=config.seed, shuffle=d.shuffle
         )
@@ -269,7 +270,7 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; nothing saved")
         if step % config.eval_every == 0 or step == total:
             metrics |= evaluate()
-        logger.log(step, metrics)
+        logger.log(step, metrics, timings=clock.timings())
         if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total:
             checkpointer.save(step, {"state": state}, {"data_position": list(position)})
     checkpointer.close()

@@ -25,7 +25,6 @@ import functools
 import re
 import signal
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
@@ -589,7 +588,7 @@ def _train(setup: _Setup) -> TrainResult:
     try:
         with StopRequest() as stop:
             while iteration < end:
-                t0 = time.perf_counter()
+                clock = run_logging.IterationClock()
                 rows, next_position = data.batch_indices(
                     len(ds), pc.batch_size, position, seed=config.seed, shuffle=config.data.shuffle
                 )
@@ -635,13 +634,8 @@ def _train(setup: _Setup) -> TrainResult:
                 position = next_position
                 if ptx_ds is not None:
                     ptx_position = next_ptx_position
-                seconds = time.perf_counter() - t0
                 tokens = float(metrics.get("response/length_mean", 0.0)) * pc.batch_size
-                logger.log(
-                    iteration,
-                    metrics,
-                    timings={"iteration_seconds": seconds, "tokens_per_second": tokens / seconds},
-                )
+                logger.log(iteration, metrics, timings=clock.timings(tokens))
                 every = config.logging.sample_every
                 if every and (iteration % every == 0 or iteration == end):
                     logger.samples(iteration, _sample_rows(setup, rows, roll, scores))

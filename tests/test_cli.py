@@ -220,3 +220,35 @@ def test_run_logger_files_lines_and_resume_truncation(tmp_path, capsys, monkeypa
     quiet.log(1, {"objective/scores": 1.0})
     quiet.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_iteration_clock_reports_compilation_apart(tmp_path, capsys, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    from rlhf_jax import logging as run_logging
+    from rlhf_jax.config import LoggingConfig
+
+    logger = run_logging.RunLogger(tmp_path, LoggingConfig(progress_bar=False), total_iterations=3)
+    step = jax.jit(lambda x: jnp.cumsum(jnp.sin(x) * 3.0))  # a program this process has not made
+    timings = []
+    for it, n in ((1, 1000), (2, 1000), (3, 999)):  # iteration 3: a new shape, so a new program
+        clock = run_logging.IterationClock()
+        step(jnp.ones(n)).block_until_ready()
+        timings.append(clock.timings(tokens=100.0))
+        if it == 3:
+            monkeypatch.setattr(run_logging, "RECOMPILE_REPORT_SECONDS", 0.0)
+        logger.log(it, {"objective/scores": 0.0}, timings=timings[-1])
+    logger.close()
+    first, second, third = timings
+    assert 0 < first["compile_seconds"] < first["iteration_seconds"]
+    # throughput over the time not spent compiling
+    want = 100.0 / (first["iteration_seconds"] - first["compile_seconds"])
+    assert first["tokens_per_second"] == pytest.approx(want)
+    assert "compile_seconds" not in second
+    assert second["tokens_per_second"] == pytest.approx(100.0 / second["iteration_seconds"])
+    assert third["compile_seconds"] > 0
+    err = capsys.readouterr().err
+    assert re.search(r"iteration 1: \d+\.\d s of its \d+\.\d s went to compiling", err)
+    assert "iteration 2:" not in err
+    assert "iteration 3: " in err and "compiling new programs" in err
