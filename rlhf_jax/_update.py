@@ -38,10 +38,13 @@ def apply_if_finite(
 ) -> tuple[list[tuple[Any, Any]], jax.Array, list[jax.Array]]:
     """Applies one optimiser step per `(tx, grads, opt_state, params)`, all or none.
 
-    The step is skipped (params and optimiser states returned unchanged) when `loss` or any
+    The step is skipped (params and optimiser moments unchanged) when `loss` or any
     gradient norm is not finite; the norms are `optax.tree.norm`, so an inf or NaN anywhere in
     a gradient makes its norm non-finite (as does a finite gradient whose squares overflow, which
     global-norm clipping could not use either). A `lax.cond`, so a skipped step costs nothing.
+    A skipped step still advances the learning-rate schedules' step counters (not Adam's), as
+    PyTorch's scheduler steps past an optimiser step that a gradient scaler skipped, so the
+    schedule keeps following the iteration.
 
     Returns `[(params, opt_state), ...]`, `ok` (bool scalar, the step was applied) and the
     gradient norms.
@@ -59,6 +62,24 @@ def apply_if_finite(
         return out
 
     def keep(_):
-        return [(params, opt_state) for _, _, opt_state, params in models]
+        return [(params, _advance_schedules(opt_state)) for _, _, opt_state, params in models]
 
     return jax.lax.cond(ok, apply, keep, None), ok, norms
+
+
+def _is_schedule_state(node: Any) -> bool:
+    return isinstance(node, optax.ScaleByScheduleState)
+
+
+def _advance_schedules(opt_state: Any) -> Any:
+    """`opt_state` with the step counter of every `scale_by_schedule` (the learning-rate schedule
+    inside `optax.adamw(schedule)`) advanced by one."""
+    return jax.tree.map(
+        lambda node: (
+            node._replace(count=optax.safe_increment(node.count))
+            if _is_schedule_state(node)
+            else node
+        ),
+        opt_state,
+        is_leaf=_is_schedule_state,
+    )

@@ -44,6 +44,7 @@ from rlhf_jax.rewards import (
     KLState,
     adaptive_kl_controller,
     apply_missing_stop_penalty,
+    check_missing_stop_penalty,
     fixed_kl_controller,
     kl_penalty,
 )
@@ -636,6 +637,7 @@ def rollout(
       A `GroupRollout` with `B = num_prompts * group_size` rows, prompt `n` at rows
       `n*k .. n*k + k - 1`.
     """
+    check_missing_stop_penalty(config.missing_eos_penalty, config.stop_token_ids)
     return rollout_from_spec(
         state,
         frozen,

@@ -12,6 +12,12 @@ with every loop a `lax.scan`. `ppo_iteration` is the whole thing as one jittable
 the reward is a model; `rollout`, `build_experience` and `update` are the pieces for rewards
 computed on the host (verifiable rewards): jit(rollout) -> host scores -> jit(build_experience +
 update).
+
+Metrics carry TRL's names (`objective/kl`, `policy/approxkl_avg`, `val/ratio`, ...). Per-token
+averages are masked means over the response tokens. TRL 0.17 takes some of them over every
+position, padding included: `policy/approxkl_avg`, `val/ratio` and `policy/entropy_avg` are plain
+means there, and its `objective/entropy` adds -1 for each padded position (its INVALID_LOGPROB).
+Where no row stops early the values agree; on padded batches TRL's are diluted by the padding.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from rlhf_jax.rewards import (
     KLState,
     adaptive_kl_controller,
     apply_missing_stop_penalty,
+    check_missing_stop_penalty,
     fixed_kl_controller,
     score_indices,
     shape_rewards,
@@ -412,6 +419,7 @@ def rollout(
         raise ValueError(
             f"got {prompts_BP.shape[0]} prompts but PPOConfig.batch_size={config.batch_size}"
         )
+    check_missing_stop_penalty(config.missing_eos_penalty, config.stop_token_ids)
     gen = generate(
         state.policy_params,
         ppo_models.policy,

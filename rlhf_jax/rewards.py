@@ -25,7 +25,8 @@ def kl_penalty(
 
     Args:
       logprobs, ref_logprobs: float `[...]` of equal shape.
-      estimator: "k1" (unbiased, TRL default), "k2" or "k3" (unbiased, non-negative).
+      estimator: "k1" (unbiased, TRL default), "k2" (biased, non-negative, low variance) or
+        "k3" (unbiased, non-negative).
     Returns:
       float32 `[...]`.
     """
@@ -105,6 +106,17 @@ def apply_missing_stop_penalty(
     if penalty is None:
         return scores
     return scores - jnp.where(jnp.asarray(contains_stop, bool), 0.0, float(penalty))
+
+
+def check_missing_stop_penalty(penalty: float | None, stop_token_ids: tuple[int, ...]) -> None:
+    """Config check: a missing-stop penalty needs stop tokens, or every row would count as
+    unfinished and be penalised."""
+    if penalty is not None and not stop_token_ids:
+        raise ValueError(
+            f"missing_eos_penalty={penalty} is set but stop_token_ids is empty, so every response "
+            "would count as unfinished and be penalised; set stop_token_ids (e.g. the "
+            "tokenizer's EOS id) or leave missing_eos_penalty unset"
+        )
 
 
 # ----------------------------------------------------------------------------- KL controllers

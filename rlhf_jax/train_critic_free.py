@@ -24,6 +24,7 @@ from rlhf_jax import reward_functions as rf
 from rlhf_jax._host import release_host_memory
 from rlhf_jax.logging import METRICS_FILE, IterationClock, RunLogger, plot_run
 from rlhf_jax.ppo import check_finite
+from rlhf_jax.rewards import check_missing_stop_penalty
 from rlhf_jax.trainer import (
     SetupError,
     StopRequest,
@@ -125,6 +126,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
             pad_token_id=int(tokenizer.pad_token_id),
             stop_token_ids=tuple(dict.fromkeys(stops)),
         )
+        check_missing_stop_penalty(algo.missing_eos_penalty, algo.stop_token_ids)
     except ValueError as err:
         raise SetupError(f"algorithm: {err}") from err
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)

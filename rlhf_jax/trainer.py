@@ -38,6 +38,7 @@ from rlhf_jax import config as cfg
 from rlhf_jax import data, models, ppo, sharding
 from rlhf_jax import logging as run_logging
 from rlhf_jax._host import release_host_memory
+from rlhf_jax.rewards import check_missing_stop_penalty
 from rlhf_jax.sampling import SamplingConfig, generate
 
 Params = Any
@@ -391,6 +392,7 @@ def prepare_ppo(
     )
     try:
         ppo_config = dataclasses.replace(config.ppo, pad_token_id=pad_id, stop_token_ids=stops)
+        check_missing_stop_penalty(ppo_config.missing_eos_penalty, ppo_config.stop_token_ids)
     except ValueError as err:
         raise SetupError(f"ppo: {err}") from err
     devices = list(devices) if devices is not None else jax.devices()

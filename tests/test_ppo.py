@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from hf_utils import PAD_ID, state_dict_numpy, tiny_hf_model
@@ -432,8 +433,28 @@ def test_non_finite_scores_stop_the_run_and_skip_the_update():
     )
     with pytest.raises(ppo.NonFiniteError, match=r"iteration 7: .*nonfinite/scores=16"):
         ppo.check_finite(metrics, 7)
-    assert float(metrics["nonfinite/updates"]) == config.num_ppo_epochs * config.num_mini_batches
+    steps = config.num_ppo_epochs * config.num_mini_batches
+    assert float(metrics["nonfinite/updates"]) == steps
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, state.policy_params), before)
+    # Adam's moments and step count stay; the learning-rate schedule still follows the iteration.
+    kinds = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+    for opt_state in (state.policy_opt_state, state.value_opt_state):
+        counts = {
+            type(node).__name__: int(node.count)
+            for node in jax.tree.leaves(opt_state, is_leaf=lambda n: isinstance(n, kinds))
+            if isinstance(node, kinds)
+        }
+        assert counts == {"ScaleByAdamState": 0, "ScaleByScheduleState": steps}, counts
+    assert int(state.iteration) == 1
+
+
+def test_missing_eos_penalty_without_stop_tokens_is_an_error():
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup(
+        stop_token_ids=(), missing_eos_penalty=1.0
+    )
+    experience = functools.partial(ppo.make_experience, config=config, ppo_models=ppo_models)
+    with pytest.raises(ValueError, match="missing_eos_penalty=1.0 is set but stop_token_ids"):
+        jax.eval_shape(experience, state, frozen, prompts, mask, jax.random.key(0))
 
 
 def test_host_reward_path_matches_model_reward_path():

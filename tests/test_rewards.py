@@ -9,6 +9,7 @@ import pytest
 from absl.testing import parameterized
 
 import rlhf_jax as rj
+from rlhf_jax import rewards
 
 
 def np_kl(logp, ref, estimator):
@@ -67,6 +68,10 @@ class RewardsTest(parameterized.TestCase):
         np.testing.assert_allclose(
             rj.apply_missing_stop_penalty(self.scores, [0, 0, 0], None), self.scores
         )
+        rewards.check_missing_stop_penalty(None, ())
+        rewards.check_missing_stop_penalty(1.0, (2,))
+        with pytest.raises(ValueError, match="missing_eos_penalty=1.0 is set but stop_token_ids"):
+            rewards.check_missing_stop_penalty(1.0, ())
 
     def test_adaptive_controller_against_formula(self):
         ctl = rj.adaptive_kl_controller(0.1, target=6.0, horizon=10000)

@@ -380,6 +380,10 @@ def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, m
         (["ppo.pad_token_id=5"], "differs from the tokenizer's pad token id 0"),
         (["data.column=text"], "no column 'text'; available columns: \\['answer', 'prompt'\\]"),
         (["tokenizer.extra_stop_tokens=[zebra]"], "'zebra' is not a single token"),
+        (
+            ["tokenizer.stop_at_eos=false", "ppo.missing_eos_penalty=1.0"],
+            "missing_eos_penalty=1.0 is set but stop_token_ids is empty",
+        ),
         (["ppo.ptx_coef=0.5"], "ppo.ptx_coef=0.5 needs pretraining text: set ptx_data.path"),
         ([PTX[1]], "ptx_data is set but ppo.ptx_coef=0"),
         ([*PTX, "ptx_data.batch_size=4"], "ptx_data.batch_size=4 .* not divisible by the mesh"),
