@@ -532,7 +532,9 @@ def make_experience(
 
 def _schedule(config: PPOConfig, peak_lr: float) -> optax.Schedule:
     """Learning rate as a function of the optimiser step, constant within an iteration (TRL steps
-    its scheduler once per iteration): linear warmup, then linear decay to 0."""
+    its scheduler once per iteration): linear warmup, then linear decay to 0. Warmup iteration `i`
+    (0-based) uses `(i + 1) / warmup_iterations` of the peak; HF's linear warmup as TRL steps it
+    would start at 0, so a first iteration would not move the policy at all."""
     steps_per_iteration = config.num_ppo_epochs * config.num_mini_batches
     warmup = config.warmup_iterations
     decay_iterations = max(config.total_iterations - warmup, 1)
