@@ -116,7 +116,9 @@ def trl_iteration(policy, ref_policy, value_model, reward_model, queries, respon
         padding_mask = response_idxs > sequence_lengths.unsqueeze(1)
         logprobs = torch.masked_fill(logprobs, padding_mask, 1.0)
         ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, 1.0)
-        sequence_lengths_p1 = sequence_lengths + 1
+        # TRL's score goes one position after the last token; our default, on the last token,
+        # is this transcription with that shift removed (then padding_mask_p1 == padding_mask).
+        sequence_lengths_p1 = sequence_lengths + (args.score_position == "after_last_token")
         padding_mask_p1 = response_idxs > sequence_lengths_p1.unsqueeze(1)
         values = torch.masked_fill(values, padding_mask_p1, 0)
         logr = ref_logprobs - logprobs
@@ -185,8 +187,15 @@ def ours(hf_model):
     return hf_to_params(state_dict_numpy(hf_model), config), config
 
 
-@pytest.mark.parametrize("kl_estimator, whiten_rewards", [("k1", False), ("k3", True)])
-def test_one_iteration_matches_trl_transcription(kl_estimator, whiten_rewards):
+@pytest.mark.parametrize(
+    "kl_estimator, whiten_rewards, score_position",
+    [
+        ("k1", False, "after_last_token"),
+        ("k3", True, "after_last_token"),
+        ("k1", True, "last_token"),
+    ],
+)
+def test_one_iteration_matches_trl_transcription(kl_estimator, whiten_rewards, score_position):
     hf_policy, hf_reward = hf_models()
     policy_params, policy_config = ours(hf_policy)
     reward_params, reward_config = ours(hf_reward)
@@ -207,7 +216,7 @@ def test_one_iteration_matches_trl_transcription(kl_estimator, whiten_rewards):
         base,
         stop_token_ids=(stop,),
         missing_eos_penalty=1.0,
-        score_position="after_last_token",
+        score_position=score_position,
         kl_estimator=kl_estimator,
         whiten_rewards=whiten_rewards,
         num_ppo_epochs=1,
