@@ -29,7 +29,11 @@ import common  # noqa: E402
 
 import rlhf_jax  # noqa: E402
 from rlhf_jax import models  # noqa: E402
-from rlhf_jax.sampling import prefill_cache_length, prompt_positions  # noqa: E402
+from rlhf_jax.sampling import (  # noqa: E402
+    decode_compiler_options,
+    prefill_cache_length,
+    prompt_positions,
+)
 
 PAD_ID = 0
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
@@ -59,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write results to this JSON file")
     p.add_argument("--no-torch", action="store_true", help="skip transformers; random JAX init")
     p.add_argument("--no-linearity", action="store_true", help="skip the 2N linearity check")
+    p.add_argument(
+        "--xla-defaults",
+        action="store_true",
+        help="compile our programs with XLA's default options, not decode_compiler_options()",
+    )
     p.add_argument("--trace", default=None, help="profile our generate; print the top XLA ops")
     return p.parse_args(argv)
 
@@ -153,9 +162,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             decode_chunks=args.decode_chunks,
         )
 
-    gen = jax.jit(rlhf_jax.generate, static_argnums=(1, 5))
+    # The library's standalone sampler, and the prefill compiled with the same XLA options.
+    options = {} if args.xla_defaults else decode_compiler_options()
+    print(f"XLA compiler options: {options or 'defaults'}")
 
-    @functools.partial(jax.jit, static_argnums=(1, 4))
+    def gen(new: int):
+        return rlhf_jax.jit_generate(config, sampling(new), compiler_options=options)
+
+    @functools.partial(jax.jit, static_argnums=(1, 4), compiler_options=options or None)
     def prefill(params, config, tokens, mask, max_len):
         cache = models.init_cache(config, tokens.shape[0], max_len)
         hidden, cache = models.forward(
@@ -168,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compiled = fn.lower(*a).compile()
         return compiled, time.perf_counter() - start
 
-    gen_n, compile_n = compile_timed(gen, params, config, tokens, mask, key, sampling(n))
+    gen_n, compile_n = compile_timed(gen(n), params, tokens, mask, key)
     prefill_len = prefill_cache_length(sampling(n), p)  # the cache generate's prefill fills
     prefill_c, compile_prefill = compile_timed(prefill, params, config, tokens, mask, prefill_len)
     fns = {
@@ -177,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     compile_2n = None
     if not args.no_linearity:
-        gen_2n, compile_2n = compile_timed(gen, params, config, tokens, mask, key, sampling(2 * n))
+        gen_2n, compile_2n = compile_timed(gen(2 * n), params, tokens, mask, key)
         fns["ours_generate_2n"] = lambda: gen_2n(params, tokens, mask, key)
     print(f"compile: generate {compile_n:.2f}s, prefill {compile_prefill:.2f}s", end="")
     print(f", generate 2N {compile_2n:.2f}s" if compile_2n is not None else "")
@@ -255,6 +269,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "times": times,
         "cpu_times": cpu,
         "compile_s": {"generate": compile_n, "prefill": compile_prefill, "generate_2n": compile_2n},
+        "compiler_options": options,
         "matmul_flops": matmul_rate,
         "flops": flops,
         "peak_rss_mb": common.peak_rss_mb(),

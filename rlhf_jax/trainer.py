@@ -39,7 +39,7 @@ from rlhf_jax import data, models, ppo, sharding
 from rlhf_jax import logging as run_logging
 from rlhf_jax._host import release_host_memory
 from rlhf_jax.rewards import check_missing_stop_penalty
-from rlhf_jax.sampling import SamplingConfig, generate
+from rlhf_jax.sampling import SamplingConfig
 
 Params = Any
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -816,7 +816,8 @@ def load_policy(path: str | Path, *, dtype: str | None = None) -> tuple[Params, 
     return params, config, tokenizer
 
 
-_jit_generate = jax.jit(generate, static_argnums=(1, 5))
+# One compiled sampler per (model, sampling) config (with the CPU decode compiler options).
+_jit_generate = functools.cache(sharding.jit_generate)
 
 
 def generate_completions(
@@ -871,7 +872,7 @@ def generate_completions(
         stop_token_ids=() if eos is None else (int(eos),),
         pad_token_id=int(pad),
     )
-    gen = _jit_generate(params, model_config, tokens, mask, jax.random.key(seed), sampling)
+    gen = _jit_generate(model_config, sampling)(params, tokens, mask, jax.random.key(seed))
     out_tokens, out_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
     results = []
     for i, prompt in enumerate(prompts):

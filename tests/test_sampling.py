@@ -13,7 +13,7 @@ import torch
 from hf_utils import EOS_ID, PAD_ID, state_dict_numpy, tiny_hf_model
 
 import rlhf_jax as rj
-from rlhf_jax import models
+from rlhf_jax import models, sampling
 from rlhf_jax.models.hf import config_from_hf, hf_to_params
 from rlhf_jax.sampling import (
     SamplingConfig,
@@ -265,6 +265,27 @@ def test_chunked_decoding_gives_the_same_samples():
     greedy = SamplingConfig(max_new_tokens=10, greedy=True, pad_token_id=PAD_ID, decode_chunks=3)
     out = jit_generate(params, config, tokens, mask, jax.random.key(0), greedy)
     np.testing.assert_array_equal(out.tokens, hf_greedy(hf_model, tokens, mask, 10))
+
+
+def test_jit_generate_samples_as_generate_does_with_the_decode_options(monkeypatch):
+    """`rj.jit_generate` (XLA's own dot kernels on CPU) samples what `generate` does."""
+    _, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=4)
+    cfg = SamplingConfig(max_new_tokens=9, temperature=0.7, stop_token_ids=(EOS_ID,))
+    want = jit_generate(params, config, tokens, mask, jax.random.key(5), cfg)
+    got = rj.jit_generate(config, cfg)(params, tokens, mask, jax.random.key(5))
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=0, atol=1e-5)
+    assert sampling.decode_compiler_options("gpu") == {}
+    assert sampling.decode_compiler_options("cpu") == sampling._CPU_DECODE_OPTIONS
+    # An XLA that does not know the option compiles with its defaults instead of failing.
+    monkeypatch.setattr(sampling, "_CPU_DECODE_OPTIONS", {"xla_cpu_no_such_option": "1"})
+    sampling._accepted_cpu_decode_options.cache_clear()
+    try:
+        assert sampling.decode_compiler_options("cpu") == {}
+    finally:
+        sampling._accepted_cpu_decode_options.cache_clear()
 
 
 @pytest.mark.parametrize("new_tokens", [1, 2, 24, 25, 64, 53, 1000])
