@@ -764,7 +764,7 @@ def jit_generate(
     if compiler_options is None:
         backend = mesh.devices.flat[0].platform if mesh is not None else None
         compiler_options = decode_compiler_options(backend)
-    options = {"compiler_options": compiler_options} if compiler_options else {}
+    options = {"compiler_options": compiler_options or None}
 
     def gen(params: Any, prompts_BP: Any, prompt_mask_BP: Any, key: jax.Array) -> Generation:
         return generate(params, model_config, prompts_BP, prompt_mask_BP, key, sampling_config)
