@@ -505,3 +505,84 @@ def test_bad_config():
         ppo.PPOModels(policy=TINY, value=TINY, reward=TINY_RM)
     with pytest.raises(ValueError, match="logprob_chunk_size=3 must divide"):
         ppo.PPOConfig(batch_size=4, response_length=8, logprob_chunk_size=3)
+
+
+def _update_with_value_vjp(epochs, pullback=None):
+    """`make_experience` + `update`, with the rollout's value pullback (`pullback(vjp)` wraps it)
+    or without one; one minibatch of one micro-batch, so the pullback is allowed."""
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup(
+        num_mini_batches=1, gradient_accumulation_steps=1, num_ppo_epochs=epochs
+    )
+    assert ppo.reuses_value_forward(config, ppo_models)
+
+    def run(state, use_vjp):
+        exp, _, vjp = ppo._experience(
+            state, frozen, prompts, mask, jax.random.key(0), config, ppo_models, use_vjp
+        )
+        vjp = pullback(vjp) if (use_vjp and pullback) else vjp
+        return ppo.update(
+            state, exp, jax.random.key(1), config=config, ppo_models=ppo_models, value_vjp=vjp
+        )
+
+    run = jax.jit(run, static_argnums=1)
+    return state, run(state, False), run(state, True)
+
+
+def test_update_first_step_reuses_the_rollout_value_forward():
+    _, (want_state, want), (state, got) = _update_with_value_vjp(epochs=3)
+    for name in ("loss/value_avg", "loss/policy_avg", "grad_norm/value", "grad_norm/policy"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, err_msg=name)
+    assert float(got["policy/first_approxkl"]) < 1e-10
+    for got_params, want_params in (
+        (state.value_params, want_state.value_params),
+        (state.policy_params, want_state.policy_params),
+    ):
+        chex.assert_trees_all_close(got_params, want_params, atol=3e-5)
+
+
+def test_update_first_step_takes_its_value_gradient_from_the_pullback():
+    """A pullback that returns zeros leaves the value model unchanged by the first (here the only)
+    step, while the policy still moves: the step runs no value forward of its own."""
+    zero = lambda vjp: lambda ct: jax.tree.map(jnp.zeros_like, vjp(ct))  # noqa: E731
+    before, (moved, _), (state, _) = _update_with_value_vjp(epochs=1, pullback=zero)
+    chex.assert_trees_all_equal(state.value_params, before.value_params)
+    value_change = jax.tree.map(
+        lambda a, b: jnp.abs(a - b).max(), moved.value_params, before.value_params
+    )
+    assert max(jax.tree.leaves(value_change)) > 1e-4
+    policy_change = jax.tree.map(
+        lambda a, b: jnp.abs(a - b).max(), state.policy_params, before.policy_params
+    )
+    assert max(jax.tree.leaves(policy_change)) > 1e-4
+
+
+def test_fused_iteration_passes_the_value_pullback_only_when_it_applies(monkeypatch):
+    seen = []
+    real_update = ppo.update
+
+    def spy(*args, value_vjp=None, **kwargs):
+        seen.append(value_vjp is not None)
+        return real_update(*args, value_vjp=value_vjp, **kwargs)
+
+    monkeypatch.setattr(ppo, "update", spy)
+    for overrides, expected in (
+        ({"num_mini_batches": 1, "gradient_accumulation_steps": 1}, True),
+        ({"num_mini_batches": 2, "gradient_accumulation_steps": 1}, False),
+        ({"num_mini_batches": 1, "gradient_accumulation_steps": 2}, False),
+    ):
+        config, ppo_models, state, frozen, prompts, mask = tiny_setup(**overrides)
+        fn = functools.partial(ppo.ppo_iteration, config=config, ppo_models=ppo_models)
+        jax.eval_shape(fn, state, frozen, prompts, mask, jax.random.key(0))
+        assert seen.pop() is expected, overrides
+    config, _, state, frozen, prompts, mask = shared_head_setup(
+        num_mini_batches=1, gradient_accumulation_steps=1
+    )
+    shared = ppo.PPOModels(policy=TINY, value=None, reward=TINY_RM)
+    fn = functools.partial(ppo.ppo_iteration, config=config, ppo_models=shared)
+    jax.eval_shape(fn, state, frozen, prompts, mask, jax.random.key(0))
+    assert seen.pop() is False
+    with pytest.raises(ValueError, match="one minibatch of one micro-batch"):
+        config, ppo_models, state, frozen, prompts, mask = tiny_setup()
+        ppo.update(
+            state, None, jax.random.key(0), config=config, ppo_models=ppo_models, value_vjp=print
+        )
