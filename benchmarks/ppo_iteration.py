@@ -208,9 +208,7 @@ def _forward_flops(
 
 
 def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[str, float]:
-    """Model FLOPs of one iteration by phase (backward = 2 x forward). The phases are the pieces
-    jitted separately; `total` is the fused `ppo_iteration`'s, one value forward fewer where its
-    update's first step reuses the rollout's (`ppo.reuses_value_forward`)."""
+    """Model FLOPs of one iteration by phase (backward = 2 x forward)."""
     b, t = config.batch_size, config.response_length
     s = prompt + t
     pol, val, rew = pm.policy, pm.value_head, pm.reward
@@ -232,8 +230,7 @@ def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[s
         * 3
         * (policy_fwd + (2 * pol.hidden_size * b * t if pm.shared_value_head else value_fwd)),
     }
-    reused = value_fwd if ppo.reuses_value_forward(config, pm) else 0.0
-    flops["total"] = sum(flops.values()) - reused
+    flops["total"] = sum(flops.values())
     return flops
 
 

@@ -282,39 +282,6 @@ def test_shared_value_head_iteration_matches_single_device():
         assert got.sharding.is_equivalent_to(want, got.ndim)
 
 
-@pytest.mark.slow  # one more compiled PPO iteration
-def test_iteration_reusing_the_value_forward_matches_single_device():
-    """One minibatch of one micro-batch: the update's first step takes its value gradient from
-    the rollout's value forward (`ppo.reuses_value_forward`); on 2x2x2 that pullback crosses the
-    sharded rollout and update and still gives the single-device iteration."""
-    import dataclasses
-
-    ref = reference()
-    config = dataclasses.replace(CONFIG, num_mini_batches=1, gradient_accumulation_steps=1)
-    assert ppo.reuses_value_forward(config, PPO_MODELS)
-    frozen = ppo.FrozenParams(ref=ref["policy"], reward=ref["reward"])
-    key = multihost_worker.ppo_iteration_key(0)
-    state0 = ppo.jit_init_state(config, PPO_MODELS)(ref["policy"], ref["reward"])
-    want_state, want_metrics = ppo.jit_ppo_iteration(config, PPO_MODELS)(
-        state0, frozen, PROMPTS, PROMPT_MASK, key
-    )
-    mesh = sh.make_mesh(MESHES["2x2x2"])
-    shardings = ppo.ppo_shardings(config, PPO_MODELS, mesh)
-    state, metrics = ppo.jit_ppo_iteration(config, PPO_MODELS, mesh)(
-        jax.device_put(
-            host(ppo.jit_init_state(config, PPO_MODELS)(ref["policy"], ref["reward"])),
-            shardings.state,
-        ),
-        jax.device_put(frozen, shardings.frozen),
-        *sh.place_batch((PROMPTS, PROMPT_MASK), mesh),
-        key,
-    )
-    chex.assert_trees_all_close(host(metrics), host(want_metrics), **TOL)
-    chex.assert_trees_all_close(host(state), host(want_state), atol=5e-5, rtol=1e-5)
-    moved = host(state.value_params)["score"]["kernel"] - ref["reward"]["score"]["kernel"]
-    assert np.abs(moved).max() > 1e-4
-
-
 # Slow set: the critic-free trainer tests already run sharded (8x1x1) in the default set.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["8x1x1", "2x2x2"])
