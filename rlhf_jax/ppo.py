@@ -23,7 +23,6 @@ Where no row stops early the values agree; on padded batches TRL's are diluted b
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import flax.struct
@@ -412,14 +411,8 @@ def rollout(
     *,
     config: PPOConfig,
     ppo_models: PPOModels,
-    with_value_vjp: bool = False,
 ) -> Rollout:
-    """Samples responses and runs the policy (optionally), reference and value forwards.
-
-    `with_value_vjp=True` (separate value model only) returns `(rollout, value_vjp)`: the value
-    forward is a `jax.vjp` of `value_estimates` at `state.value_params`, whose pullback maps a
-    `[B, T]` cotangent of the values to value-param gradients. `ppo_iteration` passes it to
-    `update` so the first optimiser step does not run that forward again."""
+    """Samples responses and runs the policy (optionally), reference and value forwards."""
     prompts_BP = jnp.asarray(prompts_BP, jnp.int32)
     prompt_mask_BP = jnp.asarray(prompt_mask_BP, bool)
     if prompts_BP.shape[0] != config.batch_size:
@@ -444,18 +437,8 @@ def rollout(
         )
     ref_logprobs, _ = policy_logprobs(frozen.ref, ppo_models.policy, *common, **logprob_kwargs)
     value_mask = value_mask_for(gen.sequence_lengths, gen.tokens.shape[1], config.score_position)
-    value_vjp = None
-    if with_value_vjp:
-        values, value_vjp = jax.vjp(
-            lambda vp: value_estimates(vp, ppo_models.value, *common, value_mask),
-            state.value_params,
-        )
-    else:
-        values = state_values(
-            state.policy_params, state.value_params, ppo_models, *common, value_mask
-        )
-    roll = Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
-    return (roll, value_vjp) if with_value_vjp else roll
+    values = state_values(state.policy_params, state.value_params, ppo_models, *common, value_mask)
+    return Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
 
 
 def build_experience(
@@ -534,30 +517,14 @@ def make_experience(
     ppo_models: PPOModels,
 ) -> tuple[Experience, dict[str, jax.Array]]:
     """Rollout, reward-model scores and advantages for one batch of left-padded prompts."""
-    exp, metrics, _ = _experience(
-        state, frozen, prompts_BP, prompt_mask_BP, key, config, ppo_models, False
+    roll = rollout(
+        state, frozen, prompts_BP, prompt_mask_BP, key, config=config, ppo_models=ppo_models
     )
-    return exp, metrics
-
-
-def _experience(state, frozen, prompts_BP, prompt_mask_BP, key, config, ppo_models, with_value_vjp):
-    """`make_experience`, plus the value forward's pullback when `with_value_vjp` (else None)."""
-    out = rollout(
-        state,
-        frozen,
-        prompts_BP,
-        prompt_mask_BP,
-        key,
-        config=config,
-        ppo_models=ppo_models,
-        with_value_vjp=with_value_vjp,
-    )
-    roll, value_vjp = out if with_value_vjp else (out, None)
     gen = roll.generation
     scores = reward_scores(
         frozen.reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
     )
-    return *build_experience(roll, scores, state.kl.kl_coef, config=config), value_vjp
+    return build_experience(roll, scores, state.kl.kl_coef, config=config)
 
 
 # ------------------------------------------------------------------------------------ update
@@ -649,10 +616,7 @@ def _loss(
     ptx: PtxBatch | None,
     config: PPOConfig,
     ppo_models: PPOModels,
-    values_fn: Callable[[Any], jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The PPO loss on minibatch `mb`. `values_fn(value_params) -> [B, T]` replaces the value
-    forward when given (then `value_params` may be anything it differentiates through)."""
     common = (mb.prompts, mb.prompt_mask, mb.responses, mb.mask)
     # One trunk pass feeds both heads when the value head shares the policy trunk.
     hidden = response_hidden(policy_params, ppo_models.policy, *common)
@@ -679,9 +643,7 @@ def _loss(
         dual_clip=config.dual_clip,
         aggregation=config.loss_aggregation,
     )
-    if values_fn is not None:
-        values = values_fn(value_params)
-    elif ppo_models.shared_value_head:
+    if ppo_models.shared_value_head:
         values = _values_from_hidden(value_params, ppo_models.value_head, hidden, mb.value_mask)
     else:
         values = value_estimates(value_params, ppo_models.value, *common, mb.value_mask)
@@ -717,20 +679,12 @@ def update(
     config: PPOConfig,
     ppo_models: PPOModels,
     ptx: PtxBatch | None = None,
-    value_vjp: Callable[[jax.Array], tuple[Any]] | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """`num_ppo_epochs` passes over the experience, each in a fresh random order, as nested
     `lax.scan`s (epochs -> minibatches -> gradient-accumulation micro-batches).
 
     A minibatch whose loss or gradients are not finite is skipped (parameters and optimiser state
     keep their values) and counted in the `nonfinite/*` metrics so the caller can stop the run.
-
-    `value_vjp` (only where `reuses_value_forward(config, ppo_models)`): the pullback of the
-    rollout's value forward, taken at `state.value_params` on `exp`'s rows in order (as
-    `rollout(..., with_value_vjp=True)` returns it). The first step, whose minibatch is the whole
-    batch at those params, then takes `exp.values` for its value predictions and this pullback for
-    their gradient instead of running the value model forward again; the result is the same up to
-    float rounding.
     """
     policy_tx, value_tx = optimizers(config)
     n_mb, n_acc, micro = (
@@ -748,34 +702,14 @@ def update(
             )
         ptx = jax.tree.map(lambda x: x.reshape(n_mb, n_acc, n // (n_mb * n_acc), *x.shape[1:]), ptx)
 
-    if value_vjp is not None and not reuses_value_forward(config, ppo_models):
-        raise ValueError(
-            "update(value_vjp=...) needs one minibatch of one micro-batch and a separate value "
-            "model (see reuses_value_forward)"
-        )
-
-    def minibatch_step(state: PPOState, inputs, first: bool = False):
+    def minibatch_step(state: PPOState, inputs):
         def micro_grads(micro_inputs):
             idx_U, ptx_micro = micro_inputs
             mb = jax.tree.map(lambda x: x[idx_U], exp)
-            if not first:
-                (loss, aux), grads = grad_fn(
-                    state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
-                )
-                return grads, {**aux, "loss/total": loss}
-            # Differentiate with respect to the rollout's values (in `exp`'s row order) and pull
-            # that cotangent back through the rollout's value forward.
-            (loss, aux), (policy_grads, values_grad) = grad_fn(
-                state.policy_params,
-                exp.values,
-                mb,
-                ptx_micro,
-                config,
-                ppo_models,
-                lambda v: v[idx_U],
+            (loss, aux), grads = grad_fn(
+                state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
             )
-            (value_grads,) = value_vjp(values_grad)
-            return (policy_grads, value_grads), {**aux, "loss/total": loss}
+            return grads, {**aux, "loss/total": loss}
 
         params = (state.policy_params, state.value_params)
         (policy_grads, value_grads), aux = accumulate_grads(micro_grads, params, inputs, n_acc)
@@ -797,26 +731,11 @@ def update(
         aux["grad_norm/policy"], aux["grad_norm/value"] = policy_norm, value_norm
         return state, aux
 
-    def epoch_inputs(epoch_key: jax.Array):
-        perm = jax.random.permutation(epoch_key, config.batch_size)
-        return perm.reshape(n_mb, n_acc, micro), ptx
-
     def epoch_step(state: PPOState, epoch_key: jax.Array):
-        return jax.lax.scan(minibatch_step, state, epoch_inputs(epoch_key))
+        perm = jax.random.permutation(epoch_key, config.batch_size)
+        return jax.lax.scan(minibatch_step, state, (perm.reshape(n_mb, n_acc, micro), ptx))
 
-    epoch_keys = jax.random.split(key, config.num_ppo_epochs)
-    if value_vjp is None:
-        state, aux = jax.lax.scan(epoch_step, state, epoch_keys)
-    else:
-        # The first epoch is its single minibatch step, run outside the scan.
-        first_inputs = jax.tree.map(lambda x: x[0], epoch_inputs(epoch_keys[0]))
-        state, first_aux = minibatch_step(state, first_inputs, first=True)
-        first_aux = jax.tree.map(lambda x: x[None, None], first_aux)
-        if config.num_ppo_epochs == 1:
-            aux = first_aux
-        else:
-            state, aux = jax.lax.scan(epoch_step, state, epoch_keys[1:])
-            aux = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), first_aux, aux)
+    state, aux = jax.lax.scan(epoch_step, state, jax.random.split(key, config.num_ppo_epochs))
     metrics = {k: jnp.mean(v) for k, v in aux.items() if not k.startswith("nonfinite")}
     metrics["nonfinite/updates"] = jnp.sum(aux["nonfinite/updates"])
     metrics["val/ratio_var"] = jnp.var(aux["val/ratio"])  # TRL: variance across minibatches
@@ -831,17 +750,6 @@ def update(
 # --------------------------------------------------------------------------------- iteration
 
 
-def reuses_value_forward(config: PPOConfig, ppo_models: PPOModels) -> bool:
-    """Whether `ppo_iteration` hands the rollout's value forward to the update's first step: a
-    separate value model and one minibatch of one micro-batch per epoch (TRL's default), so that
-    step covers the whole batch at the rollout's value params."""
-    return (
-        not ppo_models.shared_value_head
-        and config.num_mini_batches == 1
-        and config.gradient_accumulation_steps == 1
-    )
-
-
 def finish_iteration(
     state: PPOState,
     exp: Experience,
@@ -851,14 +759,10 @@ def finish_iteration(
     config: PPOConfig,
     ppo_models: PPOModels,
     ptx: PtxBatch | None = None,
-    value_vjp: Callable[[jax.Array], tuple[Any]] | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
-    """Update on `exp` (`value_vjp` as in `update`), then advance the KL controller, iteration
-    and episode counters."""
+    """Update on `exp`, then advance the KL controller, iteration and episode counters."""
     lr = learning_rate(config, state.iteration)
-    state, update_metrics = update(
-        state, exp, key, config=config, ppo_models=ppo_models, ptx=ptx, value_vjp=value_vjp
-    )
+    state, update_metrics = update(state, exp, key, config=config, ppo_models=ppo_models, ptx=ptx)
     kl = config.kl_controller().update(state.kl, exp_metrics["objective/kl"], config.batch_size)
     state = state.replace(
         kl=kl, iteration=state.iteration + 1, episode=state.episode + config.batch_size
@@ -879,24 +783,19 @@ def ppo_iteration(
     ptx: PtxBatch | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """One whole PPO iteration with a reward model: experience, then update. Pure; jit it with
-    `config` and `ppo_models` static (see `jit_ppo_iteration`).
-
-    Where `reuses_value_forward(config, ppo_models)`, the update's first step reuses the
-    rollout's value forward (see `update`), one value-model forward fewer per iteration."""
+    `config` and `ppo_models` static (see `jit_ppo_iteration`)."""
     rollout_key, update_key = jax.random.split(key)
-    reuse = reuses_value_forward(config, ppo_models)
-    exp, exp_metrics, value_vjp = _experience(
-        state, frozen, prompts_BP, prompt_mask_BP, rollout_key, config, ppo_models, reuse
-    )
-    return finish_iteration(
+    exp, exp_metrics = make_experience(
         state,
-        exp,
-        exp_metrics,
-        update_key,
+        frozen,
+        prompts_BP,
+        prompt_mask_BP,
+        rollout_key,
         config=config,
         ppo_models=ppo_models,
-        ptx=ptx,
-        value_vjp=value_vjp,
+    )
+    return finish_iteration(
+        state, exp, exp_metrics, update_key, config=config, ppo_models=ppo_models, ptx=ptx
     )
 
 
