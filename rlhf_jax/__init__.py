@@ -3,6 +3,8 @@
 The public API is re-exported flat from this module.
 """
 
+import logging as _logging
+
 from rlhf_jax.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageInputs,
@@ -112,6 +114,15 @@ from rlhf_jax.sharding import (
     sharded_init_params,
     with_rules,
 )
+
+
+def _drop_missing_torch_advice(record: _logging.LogRecord) -> bool:
+    # transformers warns on import that PyTorch is missing; rlhf_jax uses transformers only for
+    # tokenizers, configs and file utilities, so that advice is noise to our users.
+    return not str(record.msg).startswith("PyTorch was not found")
+
+
+_logging.getLogger("transformers").addFilter(_drop_missing_torch_advice)
 
 __version__ = "0.1.0"
 

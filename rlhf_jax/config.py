@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -324,6 +325,103 @@ def _locate_value_error(node: DictConfig, cls: type, prefix: str) -> tuple[str, 
     return None
 
 
+def _strip_optional(hint: Any) -> Any:
+    """`X | None` -> `X` when X is the only other member (sections that may be null)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
+
+
+def _field_hint(cls: Any, parts: Sequence[str], where: str) -> Any:
+    """The type hint of the dotted key `parts` under the dataclass `cls`.
+
+    Raises ConfigError naming the key and the section's keys when a part is not a field. Below a
+    field that is not a dataclass (`Any`, a mapping), every key is allowed and `Any` returned.
+    """
+    hint: Any = cls
+    for i, part in enumerate(parts):
+        section = _strip_optional(hint)
+        if not dataclasses.is_dataclass(section):
+            return Any
+        fields = _dataclass_fields(section)  # type: ignore[arg-type]
+        if part not in fields:
+            name = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"{where}{name}: unknown key; {section.__name__} has "  # type: ignore[union-attr]
+                + ", ".join(sorted(fields))
+            )
+        hint = fields[part]
+    return hint
+
+
+def _type_name(hint: Any) -> str:
+    """A type hint in words, for error messages: `tuple[int, ...] | None` -> "a list of int or
+    null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return "any value"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (tuple, list) or (isinstance(origin, type) and issubclass(origin, Sequence)):
+        inner = args[0] if args else Any
+        return f"a list of {_type_name(inner)}"
+    if origin is dict or (isinstance(origin, type) and issubclass(origin, Mapping)):
+        return "a mapping"
+    if dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} section"
+    names = {type(None): "null", bool: "true/false", int: "int", float: "float", str: "str"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a parsed YAML value fits a field's type hint (unknown hint kinds accept anything:
+    OmegaConf and the dataclass's `__post_init__` still check them)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or (isinstance(value, str) and value.startswith("${")):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(map(_conforms, value, args))
+        return all(_conforms(v, args[0]) for v in value) if args else True
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, Mapping)
+    return True
+
+
+def _check_values(cls: Any, values: Mapping[str, Any], prefix: str, where: str) -> None:
+    """Checks every key of a parsed YAML mapping against the dataclass `cls`: unknown keys and
+    values that do not fit the field's type are ConfigErrors naming the key and the type."""
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        hint = _field_hint(cls, [str(key)], where + prefix)
+        section = _strip_optional(hint)
+        if dataclasses.is_dataclass(section) and isinstance(value, Mapping):
+            _check_values(section, value, f"{name}.", where)
+        elif not _conforms(value, hint):
+            raise ConfigError(f"{where}{name} expects {_type_name(hint)}, got {value!r}")
+
+
 def _schema(cls: type) -> DictConfig:
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         raise TypeError(f"expected a dataclass type, got {cls!r}")
@@ -360,31 +458,49 @@ def load_config(
             file_cfg = OmegaConf.load(path)
         except (yaml.YAMLError, OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"cannot parse {path}: {err}") from err
+        except OmegaConfBaseException as err:  # valid YAML that OmegaConf cannot hold
+            plain = yaml.safe_load(path.read_text())
+            if isinstance(plain, Mapping):
+                _check_values(cls, plain, "", f"{path}: ")  # names the key and its type
+            raise ConfigError(f"cannot parse {path}: {_describe(err)}") from err
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"{path} must hold a mapping of sections, got a list")
+        _check_values(cls, OmegaConf.to_container(file_cfg), "", f"{path}: ")
         try:
             merged = OmegaConf.merge(merged, file_cfg)
         except OmegaConfBaseException as err:
             raise ConfigError(f"{path}: {_describe(err)}") from err
     if values:
+        _check_values(cls, dict(values), "", "")
         try:
             merged = OmegaConf.merge(merged, OmegaConf.create(dict(values)))
         except OmegaConfBaseException as err:
             raise ConfigError(_describe(err)) from err
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"override {item!r}: {_describe(err)}") from err
+            yaml.safe_load(raw)  # syntax only: OmegaConf's loader below also reads 1e-5 as a float
         except yaml.YAMLError as err:
             problem = str(err).splitlines()[0]
             raise ConfigError(
                 f"override {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
-                f"{key.strip()}=\"['?']\""
+                f"{key}=\"['?']\""
             ) from err
+        hint = _field_hint(cls, key.split("."), f"override {item!r}: ")
+        try:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError, TypeError) as err:
+            raise ConfigError(
+                f"override {item!r}: {key} expects {_type_name(hint)}, got {raw.strip()!r}"
+            ) from err
+        _check_values(cls, parsed, "", f"override {item!r}: ")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(parsed))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override {item!r}: {_describe(err)}") from err
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         hints = dict(_dataclass_fields(cls))

@@ -15,6 +15,7 @@ import transformers
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tokenizer_utils import save_tiny_models, save_tiny_tokenizer
+from tolerances import MODEL, assert_f32_close
 
 from rlhf_jax import checkpoint, cli, models, sharding
 from rlhf_jax.sampling import prompt_positions
@@ -161,8 +162,8 @@ def test_export_loads_in_transformers_with_the_same_logits(run_checkpoint, tmp_p
     forward = jax.jit(_ours, static_argnums=1)
     got_lm = np.asarray(forward(policy, policy_cfg, tokens, mask))
     got_score = np.asarray(forward(value, value_cfg, tokens, mask))
-    np.testing.assert_allclose(got_lm[mask], want_lm[mask], atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(got_score[mask], want_score.numpy()[mask], atol=2e-5, rtol=1e-4)
+    assert_f32_close(got_lm[mask], want_lm[mask], ulps=MODEL)
+    assert_f32_close(got_score[mask], want_score.numpy()[mask], ulps=MODEL)
     # The run directory stands for its newest checkpoint; --no-value skips the value model.
     assert cli.main(["export", str(run), str(tmp_path / "p"), "--no-value"]) == 0
     assert (tmp_path / "p" / "model.safetensors").exists() and not (

@@ -56,24 +56,41 @@ def _run(argv, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["ppo.bogus=1"], "override 'ppo.bogus=1': ppo.bogus: Key 'bogus' not in 'PPOConfig'"),
-        (
-            ["ppo.batch_size=abc"],
-            "ppo.batch_size: Value 'abc' of type 'str' could not be converted",
-        ),
-        (["ppo.kl_estimator=k9"], "ppo.kl_estimator: Invalid value 'k9', expected one of"),
-        (["data.truncation=middle"], "data.truncation: Invalid value 'middle'"),
+        (["ppo.bogus=1"], "override 'ppo.bogus=1': ppo.bogus: unknown key; PPOConfig has"),
+        (["bogus.x=1"], "bogus: unknown key; PPORunConfig has checkpoint, compilation_cache"),
+        (["ppo.batch_size=abc"], "ppo.batch_size expects int, got 'abc'"),
+        (["ppo.batch_size=8.5"], "ppo.batch_size expects int, got 8.5"),
+        (["ppo.kl_estimator=k9"], "ppo.kl_estimator expects one of 'k1', 'k2', 'k3', got 'k9'"),
+        (["data.truncation=middle"], "data.truncation expects one of 'left', 'drop'"),
         (["ppo.num_mini_batches=3"], "ppo: batch_size=8 must be a positive multiple"),
         (["models.reward_function=m:f"], "models: set exactly one of models.reward"),
         (["checkpoint.keep=0"], "checkpoint: need every >= 0 and keep >= 1"),
-        (["mesh.tensor=true"], "mesh.tensor"),
+        (["mesh.tensor=true"], "mesh.tensor expects int, got True"),
+        (["models.value=[1]"], "models.value expects str or null, got [1]"),
         (["seed"], "override 'seed' must look like key.sub=value"),
-        (["tokenizer.extra_stop_tokens=[?]"], "the value is not valid YAML"),
+        # Valid YAML (a list holding a mapping) that does not fit the field's type ...
+        (["tokenizer.extra_stop_tokens=[?]"], "tokenizer.extra_stop_tokens expects a list of str"),
+        # ... and YAML that does not parse.
+        (["tokenizer.extra_stop_tokens=[1, 2"], "the value is not valid YAML"),
     ],
 )
 def test_config_errors_name_the_key(argv, message, capsys):
     code, _, err = _run(["train", "ppo", "--config", str(TINY), *REQUIRED, *argv], capsys)
     assert code == 2 and message in err, err
+
+
+def test_config_file_errors_name_the_key(tmp_path, capsys):
+    """A YAML file's unknown keys and mistyped values name the file, the key and the type."""
+    bad = tmp_path / "bad.yaml"
+    for text, message in [
+        ("ppo:\n  batch_size: abc\n", "bad.yaml: ppo.batch_size expects int, got 'abc'"),
+        ("ppo:\n  bogus: 1\n", "bad.yaml: ppo.bogus: unknown key; PPOConfig has"),
+        ("ppo: [1, 2\n", "cannot parse"),
+        ("tokenizer:\n  extra_stop_tokens: [?]\n", "tokenizer.extra_stop_tokens expects a list"),
+    ]:
+        bad.write_text(text)
+        code, _, err = _run(["train", "ppo", "--config", str(bad), *REQUIRED], capsys)
+        assert code == 2 and message in err, (text, err)
 
 
 def test_missing_values_and_files(capsys):

@@ -13,6 +13,7 @@ import pytest
 from hf_utils import PAD_ID, VOCAB_SIZE, state_dict_numpy, tiny_hf_model, torch_logits
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import GRADIENT, MODEL, REORDERED, assert_f32_close
 
 from rlhf_jax.models import (
     KVCache,
@@ -27,7 +28,6 @@ from rlhf_jax.models import (
 )
 from rlhf_jax.models.hf import config_from_hf, hf_to_params
 
-ATOL = 1e-4
 # name -> (HF family, config overrides); together they cover every flag of ModelConfig.
 VARIANTS = {
     "gpt2": ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),
@@ -107,7 +107,7 @@ def test_logits_match_torch(name):
     positions = np.broadcast_to(np.arange(T), (B, T))
     ours = logits_fn(params, config, tokens, positions, np.ones((B, T), bool))
     assert ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=ATOL, rtol=0)
+    assert_f32_close(ours, torch_logits(model, tokens), ulps=MODEL)
 
 
 def test_dynamic_rope_beyond_max_positions_matches_torch():
@@ -119,7 +119,7 @@ def test_dynamic_rope_beyond_max_positions_matches_torch():
     tokens = random_tokens((B, T))
     positions = np.broadcast_to(np.arange(T), (B, T))
     ours = logits_fn(params, config, tokens, positions, np.ones((B, T), bool))
-    np.testing.assert_allclose(ours, torch_logits(model, tokens), atol=ATOL, rtol=0)
+    assert_f32_close(ours, torch_logits(model, tokens), ulps=MODEL)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -131,12 +131,10 @@ def test_left_padded_batch_matches_rows_alone(name):
     tokens, mask, positions = left_padded(lengths, T)
     ours = np.asarray(logits_fn(params, config, tokens, positions, mask))
     assert np.isfinite(ours).all()
-    np.testing.assert_allclose(
-        ours[mask], torch_logits(model, tokens, mask, positions)[mask], atol=ATOL, rtol=0
-    )
+    assert_f32_close(ours[mask], torch_logits(model, tokens, mask, positions)[mask], ulps=MODEL)
     for row, n in enumerate(lengths):
         alone = torch_logits(model, tokens[row : row + 1, T - n :])
-        np.testing.assert_allclose(ours[row, T - n :], alone[0], atol=ATOL, rtol=0)
+        assert_f32_close(ours[row, T - n :], alone[0], ulps=MODEL)
 
 
 @settings(max_examples=10, deadline=None)
@@ -153,7 +151,7 @@ def test_tokens_and_positions_under_the_mask_never_matter(lengths, pad_seed):
     ours = np.asarray(logits_fn(params, config, tokens, positions, mask))
     other = np.asarray(logits_fn(params, config, other_tokens, other_positions, mask))
     assert np.isfinite(other).all()
-    np.testing.assert_allclose(ours[mask], other[mask], atol=1e-5, rtol=0)
+    assert_f32_close(ours[mask], other[mask], ulps=REORDERED)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -175,16 +173,14 @@ def test_prefill_and_decode_match_full_pass(name):
     logits, cache = cached_logits_fn(
         params, config, tokens[:, sl], positions[:, sl], mask[:, sl], cache
     )
-    np.testing.assert_allclose(
-        np.asarray(logits)[mask[:, sl]], full[:, sl][mask[:, sl]], atol=ATOL, rtol=0
-    )
+    assert_f32_close(np.asarray(logits)[mask[:, sl]], full[:, sl][mask[:, sl]], ulps=MODEL)
     for i in range(prompt_len, prompt_len + steps):
         sl = slice(i, i + 1)
         logits, cache = cached_logits_fn(
             params, config, tokens[:, sl], positions[:, sl], mask[:, sl], cache
         )
         real = mask[:, i]
-        np.testing.assert_allclose(np.asarray(logits)[real, 0], full[real, i], atol=ATOL, rtol=0)
+        assert_f32_close(np.asarray(logits)[real, 0], full[real, i], ulps=MODEL)
     assert int(cache.index) == prompt_len + steps
     np.testing.assert_array_equal(cache.mask[:, : prompt_len + steps], mask)
     assert not cache.mask[:, prompt_len + steps :].any()
@@ -201,10 +197,10 @@ def test_reward_score_matches_torch_sequence_classification(name):
     ours = sequence_scores_fn(params, config, tokens, positions, mask)
     assert ours.shape == (B, 1)
     want = torch_logits(model, tokens, mask)
-    np.testing.assert_allclose(ours, want, atol=ATOL, rtol=0)
+    assert_f32_close(ours, want, ulps=MODEL)
     # The last layer on positions 3.. only (every row's last real token is at 3 or later).
     partial = jax.jit(functools.partial(sequence_scores, first_scored=3), static_argnums=1)
-    np.testing.assert_allclose(partial(params, config, tokens, positions, mask), want, atol=ATOL)
+    assert_f32_close(partial(params, config, tokens, positions, mask), want, ulps=MODEL)
     with pytest.raises(ValueError, match="first_scored"):
         sequence_scores(params, config, tokens, positions, mask, first_scored=T)
 
@@ -233,7 +229,7 @@ def test_unstacked_layers_give_the_same_cached_pass():
     unstacked_params = unstack_layers(params)
     assert len(unstacked_params["layers"]) == config.num_layers
     unstacked = step(unstacked_params, config, tokens, positions, mask, init_cache(config, 2, 4))
-    chex.assert_trees_all_close(stacked, unstacked, atol=0, rtol=0)
+    assert_f32_close(stacked, unstacked, ulps=REORDERED)
     with pytest.raises(ValueError, match="stacked params"):
         forward(unstacked_params, config, tokens, positions, mask)
     with pytest.raises(ValueError, match="cache holds"):
@@ -327,8 +323,10 @@ def test_remat_gives_same_gradients():
         return jnp.mean(lm_logits(params, config, hidden) ** 2)
 
     grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
-    chex.assert_trees_all_close(
-        grad_fn(params, config), grad_fn(params, dataclasses.replace(config, remat=True)), atol=1e-6
+    assert_f32_close(
+        grad_fn(params, config),
+        grad_fn(params, dataclasses.replace(config, remat=True)),
+        ulps=GRADIENT,
     )
 
 
@@ -352,17 +350,16 @@ def test_scanned_and_unrolled_layers_agree(name, remats):
     for remat in remats:
         unrolled = dataclasses.replace(config, scan_layers=False, remat=remat)
         scanned = dataclasses.replace(config, scan_layers=True, remat=remat)
-        np.testing.assert_allclose(
+        assert_f32_close(
             logits_fn(params, unrolled, tokens, positions, mask),
             logits_fn(params, scanned, tokens, positions, mask),
-            atol=1e-5,
-            rtol=0,
+            ulps=MODEL,
         )
         (loss_u, grads_u), (loss_s, grads_s) = (
             value_and_grad(params, c) for c in (unrolled, scanned)
         )
-        np.testing.assert_allclose(loss_u, loss_s, rtol=1e-5)
-        chex.assert_trees_all_close(grads_u, grads_s, atol=1e-5, rtol=1e-4)
+        assert_f32_close(loss_u, loss_s, ulps=MODEL)
+        assert_f32_close(grads_u, grads_s, ulps=GRADIENT)
 
 
 @pytest.mark.parametrize(  # suite time: gpt2 in the default set, the other two with -m slow
@@ -389,12 +386,12 @@ def test_forward_outputs_slice_equals_the_full_pass_sliced(name):
         c = dataclasses.replace(config, scan_layers=scan)
         full, sliced = run(params, c, None), run(params, c, (start, length))
         assert sliced.shape == (3, length, config.hidden_size)
-        np.testing.assert_allclose(sliced, full, atol=1e-5, rtol=0)
+        assert_f32_close(sliced, full, ulps=MODEL)
     (loss_full, g_full), (loss_sliced, g_sliced) = (
         grad(params, config, o) for o in (None, (start, length))
     )
-    np.testing.assert_allclose(loss_sliced, loss_full, rtol=1e-5)
-    chex.assert_trees_all_close(g_sliced, g_full, atol=1e-5, rtol=1e-4)
+    assert_f32_close(loss_sliced, loss_full, ulps=MODEL)
+    assert_f32_close(g_sliced, g_full, ulps=GRADIENT)
     with pytest.raises(ValueError, match=r"outputs=\(10, 8\) must be"):
         forward(params, config, tokens, positions, mask, outputs=(10, 8))
     cache = init_cache(config, 3, T + 1)
