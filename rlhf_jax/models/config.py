@@ -12,7 +12,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+# Attention kinds of `ModelConfig.layer_types` (HF names).
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Families whose HF format can express sliding-window layers.
+_WINDOW_FAMILIES = ("mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+_GEMMA = ("gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ROPE_TYPES = ("linear", "dynamic", "llama3")
 # Full passes of models with at most this many layers run unrolled (`ModelConfig.scan_layers`).
@@ -58,18 +63,33 @@ class ModelConfig:
     Defaults describe a Llama-style model, so a tiny Llama needs only the sizes.
 
     Attributes:
-      family: HF format for export: "gpt2" | "gpt_neox" | "llama" | "mistral" | "qwen2" | "qwen3".
+      family: HF format for export: "gpt2" | "gpt_neox" | "llama" | "mistral" | "qwen2" | "qwen3" |
+        "gemma2" | "gemma3" (Gemma 3's text decoder).
       vocab_size, hidden_size, num_layers, intermediate_size: model sizes.
       num_heads, num_kv_heads, head_dim: query heads, key/value heads (GQA when fewer), head size.
       max_position_embeddings: size of the learned position table; for RoPE only carried for
         export and `dynamic` scaling.
       norm: "layernorm" (with bias) or "rmsnorm"; computed in float32.
       norm_eps: epsilon of every norm (including q/k norms).
+      norm_plus_one: RMSNorm scales are stored as `weight - 1` (zero-initialised) and applied as
+        `1 + weight` (Gemma), in every norm including the q/k norms.
+      post_norms: Gemma's sandwich norms: the attention and MLP outputs are normed again
+        (`attn_post_norm`, `mlp_post_norm`) before they are added to the residual stream.
+      embed_scale: token embeddings are multiplied by `sqrt(hidden_size)`, rounded to the compute
+        dtype (Gemma); tied LM logits use the unscaled table.
       positions: "learned" (GPT-2 table) or "rope".
       rope_theta: RoPE base. rotary_pct: fraction of head_dim that is rotated (NeoX 0.25).
       rope_scaling: hashable HF rope scaling (see `freeze_rope_scaling`): rope_type "linear",
         "dynamic" (NTK, recomputed per call from the largest position like transformers) or
         "llama3"; None for plain RoPE.
+      rope_local_theta: RoPE base of the sliding-window layers, which then use plain RoPE
+        (Gemma 3's `rope_local_base_freq`); None: every layer uses `rope_theta` and
+        `rope_scaling`.
+      sliding_window: window of the sliding-window layers, in tokens: a query sees itself and
+        the `sliding_window - 1` real (mask = 1) tokens before it. None: no window.
+      layer_types: per layer "full_attention" or "sliding_attention" (HF `layer_types`); None:
+        every layer slides when `sliding_window` is set (Mistral), else none does. The pattern
+        is data of the layer scan, so layers of both kinds still run as one `nn.scan`.
       parallel_residual: NeoX `x + attn(ln1(x)) + mlp(ln2(x))` instead of sequential blocks.
       attn_bias: biases on q/k/v. attn_out_bias: bias on the output projection. mlp_bias: biases
         on the MLP projections.
@@ -79,6 +99,11 @@ class ModelConfig:
       tie_embeddings: LM logits use the token embedding instead of a separate `lm_head`.
       attn_scale: scale scores by head_dim**-0.5 (GPT-2 `scale_attn_weights`).
       attn_scale_by_inverse_layer: also divide scores by (layer index + 1) (GPT-2).
+      query_pre_attn_scalar: scale scores by `query_pre_attn_scalar**-0.5` instead of
+        `head_dim**-0.5` (Gemma).
+      attn_logit_softcap: attention scores become `tanh(s / cap) * cap` before the mask
+        (Gemma 2); None: off.
+      final_logit_softcap: LM logits become `tanh(x / cap) * cap` (Gemma 2); None: off.
       head: "lm" (causal LM, `lm_head` unless tied) or "score" (sequence classification `score`).
       num_labels: outputs of the score head.
       dtype: compute dtype; softmax, norms and RoPE angles are float32. param_dtype: params.
@@ -126,10 +151,21 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    norm_plus_one: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    rope_local_theta: float | None = None
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._validate()
@@ -185,9 +221,32 @@ class ModelConfig:
             if self.rope_theta <= 0:
                 fail(f"rope_theta must be > 0, got {self.rope_theta}")
             self._validate_rope_scaling(fail)
-        elif self.rope_scaling is not None:
-            fail("rope_scaling needs positions='rope'")
+        elif self.rope_scaling is not None or self.rope_local_theta is not None:
+            fail("rope_scaling and rope_local_theta need positions='rope'")
+        if self.rope_local_theta is not None and self.rope_local_theta <= 0:
+            fail(f"rope_local_theta must be > 0, got {self.rope_local_theta}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                fail(f"{name} must be > 0 (or None), got {value!r}")
+        self._validate_layer_types(fail)
         self._validate_family(fail)
+
+    def _validate_layer_types(self, fail) -> None:
+        window = self.sliding_window
+        if window is not None and (
+            not isinstance(window, int) or isinstance(window, bool) or window < 1
+        ):
+            fail(f"sliding_window must be a positive int or None, got {window!r}")
+        if self.layer_types is None:
+            return
+        if len(self.layer_types) != self.num_layers:
+            fail(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        for i, kind in enumerate(self.layer_types):
+            if kind not in LAYER_TYPES:
+                fail(f"layer_types[{i}]={kind!r} is not supported; supported: {LAYER_TYPES}")
+        if window is None and "sliding_attention" in self.layer_types:
+            fail("layer_types has sliding_attention layers but sliding_window is None")
 
     def _validate_rope_scaling(self, fail) -> None:
         if self.rope_scaling is None:
@@ -224,15 +283,35 @@ class ModelConfig:
                 expected |= dict(attn_bias=False, attn_out_bias=False, mlp_bias=False)
             elif self.family == "qwen2":
                 expected |= dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
-            else:  # qwen3
+            else:  # qwen3, gemma2, gemma3
                 expected |= dict(attn_out_bias=self.attn_bias, mlp_bias=False)
-        if self.family != "qwen3":
+        if self.family == "gemma3":
+            expected["qk_norm"] = True
+        elif self.family != "qwen3":
             expected["qk_norm"] = False
         if self.family != "gpt2":
             expected |= dict(attn_scale=True, attn_scale_by_inverse_layer=False)
+        gemma = self.family in _GEMMA
+        expected |= dict(norm_plus_one=gemma, post_norms=gemma, embed_scale=gemma)
+        if not gemma:
+            expected |= dict(query_pre_attn_scalar=None, final_logit_softcap=None)
+        if self.family != "gemma2":  # transformers' Gemma 3 never applies attention soft-capping
+            expected["attn_logit_softcap"] = None
+        if self.family != "gemma3":
+            expected["rope_local_theta"] = None
+        if self.family not in _WINDOW_FAMILIES:
+            expected |= dict(sliding_window=None, layer_types=None)
+        if self.family == "mistral":  # one window for every layer
+            expected["layer_types"] = None
         for name, value in expected.items():
             if getattr(self, name) != value:
                 fail(f"{name}={getattr(self, name)!r} cannot be expressed; expected {value!r}")
+        if gemma and self.query_pre_attn_scalar is None:
+            fail("query_pre_attn_scalar is required (transformers' Gemma always scales by it)")
+        if self.family == "gemma3" and self.rope_local_theta is None:
+            fail("rope_local_theta is required (Gemma 3's local layers have their own RoPE base)")
+        if gemma and self.hidden_size % self.num_heads:
+            fail(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads}")
         if self.family in ("gpt2", "gpt_neox") and not mha:
             fail(
                 "needs num_kv_heads == num_heads and num_heads * head_dim == hidden_size, got "
@@ -243,6 +322,17 @@ class ModelConfig:
     def rotary_dim(self) -> int:
         """Number of rotated dims per head (HF `int(head_dim * partial_rotary_factor)`)."""
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """Per layer: whether it is a sliding-window ("sliding_attention") layer."""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(kind == "sliding_attention" for kind in self.layer_types)
+
+    @property
+    def has_local_layers(self) -> bool:
+        return any(self.local_layers)
 
     @property
     def use_scan(self) -> bool:

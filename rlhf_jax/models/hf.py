@@ -1,4 +1,5 @@
-"""Hugging Face interop: config mapping, safetensors load/save, per-tensor weight conversion.
+"""Hugging Face interop: safetensors load/save, per-tensor weight conversion (config mapping:
+`hf_config`).
 
 Weight names. HF `<p>` is `transformer` (GPT-2), `gpt_neox` (NeoX) or `model` (others); `i` is the
 layer, whose params we stack on a leading layer axis. Norm `scale`/`bias` are HF `weight`/`bias`;
@@ -22,6 +23,15 @@ and split per head; fused q/k/v tensors are split at load and re-fused at save.
 
 `..` is `<p>.layers.i.` (`<p>.h.i.` for GPT-2).
 GPT-2 `c_attn` is [D, 3D] = [q | k | v]; NeoX `query_key_value` rows are per head [q_h, k_h, v_h].
+Gemma 2/3 name their norms differently (and store them as `weight - 1`, like our scales):
+
+    layers/attn_norm        ..input_layernorm           layers/mlp_norm  ..pre_feedforward_layernorm
+    layers/attn_post_norm   ..post_attention_layernorm  layers/mlp_post_norm
+                                                                         ..post_feedforward_layernorm
+
+Gemma 3 multimodal checkpoints hold the text decoder under `model.language_model.`
+(transformers 5) or `language_model.model.` (4), read as `model.`; their vision tower and
+projector are ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -40,11 +50,9 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from rlhf_jax.models.config import ModelConfig, freeze_rope_scaling
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.hf_config import config_from_hf, config_to_hf
 from rlhf_jax.models.model import Params, init_params
-
-if TYPE_CHECKING:  # imported where used: transformers adds seconds to every process start
-    import transformers
 
 _PREFIX = {
     "gpt2": "transformer",
@@ -53,216 +61,11 @@ _PREFIX = {
     "mistral": "model",
     "qwen2": "model",
     "qwen3": "model",
-}
-_ARCH_STEM = {
-    "gpt2": "GPT2",
-    "gpt_neox": "GPTNeoX",
-    "llama": "Llama",
-    "mistral": "Mistral",
-    "qwen2": "Qwen2",
-    "qwen3": "Qwen3",
+    "gemma2": "model",
+    "gemma3": "model",
 }
 # Buffers some checkpoints carry (causal-mask and rotary caches); transformers ignores them too.
 _IGNORED = re.compile(r"(\.attn\.(bias|masked_bias)|\.attention\.(bias|masked_bias)|\.inv_freq)$")
-
-
-def _architecture(family: str, head: str) -> str:
-    """The transformers class name of a family's causal LM ("lm") or sequence classifier."""
-    stem = _ARCH_STEM[family]
-    if head == "score":
-        return f"{stem}ForSequenceClassification"
-    return "GPT2LMHeadModel" if family == "gpt2" else f"{stem}ForCausalLM"
-
-
-# ----------------------------------------------------------------------------- configs
-
-
-def _rope_from_hf(hf: Any) -> tuple[float, float, tuple | None]:
-    """(rope_theta, rotary_pct, frozen rope_scaling) from a transformers 4 or 5 config."""
-    params = getattr(hf, "rope_parameters", None)
-    if params is None:  # transformers 4
-        params = getattr(hf, "rope_scaling", None) or {}
-    if any(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"per-layer rope parameters are not supported: {params}")
-    theta = params.get("rope_theta") or getattr(hf, "rope_theta", None)
-    theta = theta or getattr(hf, "rotary_emb_base", 10000.0)
-    pct = params.get("partial_rotary_factor") or getattr(hf, "rotary_pct", None)
-    return float(theta), float(pct or 1.0), freeze_rope_scaling(params)
-
-
-def _has_sliding_window(hf: Any) -> bool:
-    layer_types = getattr(hf, "layer_types", None)
-    if layer_types is not None:
-        return "sliding_attention" in layer_types
-    if hf.model_type == "mistral":
-        window = getattr(hf, "sliding_window", None)
-        return window is not None and window < hf.max_position_embeddings
-    return bool(getattr(hf, "use_sliding_window", False))
-
-
-def config_from_hf(hf_config: Any) -> ModelConfig:
-    """Maps a transformers config onto `ModelConfig` (*ForSequenceClassification: head "score").
-
-    Raises ValueError for unsupported model types, architectures or features (sliding windows,
-    cross attention).
-    """
-    hf = hf_config
-    family = hf.model_type
-    if family not in _PREFIX:
-        raise ValueError(f"unsupported model_type {family!r}; supported: {sorted(_PREFIX)}")
-    head = "lm"
-    heads = {_architecture(family, h): h for h in ("lm", "score")}
-    for arch in getattr(hf, "architectures", None) or []:
-        if arch not in heads:
-            raise ValueError(
-                f"unsupported architecture {arch!r} for {family}; expected one of {list(heads)}"
-            )
-        head = heads[arch]
-    if _has_sliding_window(hf):
-        raise ValueError(f"{family}: sliding-window attention is not supported")
-    eos = hf.eos_token_id
-    common = dict(
-        family=family,
-        vocab_size=hf.vocab_size,
-        head=head,
-        num_labels=hf.num_labels if head == "score" else 1,
-        tie_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-        initializer_range=hf.initializer_range,
-        pad_token_id=hf.pad_token_id,
-        bos_token_id=hf.bos_token_id,
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-    )
-    if family == "gpt2":
-        if getattr(hf, "add_cross_attention", False):
-            raise ValueError("gpt2: cross attention is not supported")
-        return ModelConfig(
-            **common,
-            hidden_size=hf.n_embd,
-            num_layers=hf.n_layer,
-            num_heads=hf.n_head,
-            num_kv_heads=hf.n_head,
-            head_dim=hf.n_embd // hf.n_head,
-            intermediate_size=hf.n_inner or 4 * hf.n_embd,
-            max_position_embeddings=hf.n_positions,
-            norm="layernorm",
-            norm_eps=hf.layer_norm_epsilon,
-            positions="learned",
-            attn_bias=True,
-            attn_out_bias=True,
-            mlp_bias=True,
-            mlp="plain",
-            activation=hf.activation_function,
-            attn_scale=hf.scale_attn_weights,
-            attn_scale_by_inverse_layer=hf.scale_attn_by_inverse_layer_idx,
-        )
-    theta, pct, scaling = _rope_from_hf(hf)
-    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-    rope = dict(
-        hidden_size=hf.hidden_size,
-        num_layers=hf.num_hidden_layers,
-        num_heads=hf.num_attention_heads,
-        head_dim=head_dim,
-        intermediate_size=hf.intermediate_size,
-        max_position_embeddings=hf.max_position_embeddings,
-        positions="rope",
-        rope_theta=theta,
-        rotary_pct=pct,
-        rope_scaling=scaling,
-        activation=hf.hidden_act,
-    )
-    if family == "gpt_neox":
-        bias = bool(getattr(hf, "attention_bias", True))
-        return ModelConfig(
-            **common,
-            **rope,
-            num_kv_heads=hf.num_attention_heads,
-            norm="layernorm",
-            norm_eps=hf.layer_norm_eps,
-            parallel_residual=hf.use_parallel_residual,
-            attn_bias=bias,
-            attn_out_bias=bias,
-            mlp_bias=True,
-            mlp="plain",
-        )
-    attn_bias = bool(getattr(hf, "attention_bias", False))
-    return ModelConfig(
-        **common,
-        **rope,
-        num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
-        norm="rmsnorm",
-        norm_eps=hf.rms_norm_eps,
-        attn_bias=True if family == "qwen2" else attn_bias,
-        attn_out_bias=False if family == "qwen2" else attn_bias,
-        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm=family == "qwen3",
-        mlp="gated",
-    )
-
-
-def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
-    """The transformers config of `config`'s family (architectures set for the head)."""
-    import transformers
-
-    c = config
-    kwargs: dict[str, Any] = dict(
-        architectures=[_architecture(c.family, c.head)],
-        vocab_size=c.vocab_size,
-        tie_word_embeddings=c.tie_embeddings,
-        initializer_range=c.initializer_range,
-        pad_token_id=c.pad_token_id,
-        bos_token_id=c.bos_token_id,
-        eos_token_id=list(c.eos_token_id) if isinstance(c.eos_token_id, tuple) else c.eos_token_id,
-        dtype=c.param_dtype,
-    )
-    if c.head == "score":
-        kwargs["num_labels"] = c.num_labels
-    if c.family == "gpt2":
-        kwargs |= dict(
-            n_embd=c.hidden_size,
-            n_layer=c.num_layers,
-            n_head=c.num_heads,
-            n_inner=c.intermediate_size,
-            n_positions=c.max_position_embeddings,
-            layer_norm_epsilon=c.norm_eps,
-            activation_function=c.activation,
-            scale_attn_weights=c.attn_scale,
-            scale_attn_by_inverse_layer_idx=c.attn_scale_by_inverse_layer,
-        )
-        return transformers.AutoConfig.for_model(c.family, **kwargs)
-    rope_scaling = None
-    if c.rope_scaling is not None:
-        rope_scaling = {k: list(v) if isinstance(v, tuple) else v for k, v in c.rope_scaling}
-    kwargs |= dict(
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        intermediate_size=c.intermediate_size,
-        max_position_embeddings=c.max_position_embeddings,
-        hidden_act=c.activation,
-        rope_scaling=rope_scaling,
-    )
-    if c.family == "gpt_neox":
-        kwargs |= dict(
-            layer_norm_eps=c.norm_eps,
-            rotary_pct=c.rotary_pct,
-            rotary_emb_base=c.rope_theta,
-            use_parallel_residual=c.parallel_residual,
-            attention_bias=c.attn_bias,
-        )
-        return transformers.AutoConfig.for_model(c.family, **kwargs)
-    kwargs |= dict(
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        rms_norm_eps=c.norm_eps,
-        rope_theta=c.rope_theta,
-    )
-    if c.family in ("llama", "qwen3"):
-        kwargs["attention_bias"] = c.attn_bias
-    if c.family == "llama":
-        kwargs["mlp_bias"] = c.mlp_bias
-    if c.family == "mistral":
-        kwargs["sliding_window"] = None
-    return transformers.AutoConfig.for_model(c.family, **kwargs)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -403,6 +206,14 @@ def _specs(config: ModelConfig) -> list[_Spec]:
         lambda w: (w.T.reshape(h, -1, d),),
         lambda k: k.reshape(-1, d).T,
     )
+    if c.family in ("gemma2", "gemma3"):
+        norms = [
+            *_norm(("layers", "attn_post_norm"), f"{b}.post_attention_layernorm"),
+            *_norm(("layers", "mlp_norm"), f"{b}.pre_feedforward_layernorm"),
+            *_norm(("layers", "mlp_post_norm"), f"{b}.post_feedforward_layernorm"),
+        ]
+    else:
+        norms = _norm(("layers", "mlp_norm"), f"{b}.post_attention_layernorm")
     return [
         _same(("embed", "embedding"), f"{p}.embed_tokens.weight"),
         *_norm(("layers", "attn_norm"), f"{b}.input_layernorm"),
@@ -413,7 +224,7 @@ def _specs(config: ModelConfig) -> list[_Spec]:
         _same(("layers", "attn", "o", "bias"), f"{b}.self_attn.o_proj.bias"),
         _same(("layers", "attn", "q_norm", "scale"), f"{b}.self_attn.q_norm.weight"),
         _same(("layers", "attn", "k_norm", "scale"), f"{b}.self_attn.k_norm.weight"),
-        *_norm(("layers", "mlp_norm"), f"{b}.post_attention_layernorm"),
+        *norms,
         *_dense(("layers", "mlp", "gate"), f"{b}.mlp.gate_proj"),
         *_dense(("layers", "mlp", "up"), f"{b}.mlp.up_proj"),
         *_dense(("layers", "mlp", "down"), f"{b}.mlp.down_proj"),
@@ -456,8 +267,25 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
     tree[path[-1]] = value
 
 
+# Gemma 3 multimodal checkpoints: the text decoder's prefixes (transformers 5, 4) and the parts
+# we ignore (vision tower, projector).
+_GEMMA3_TEXT_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+)
+_GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
 def _canonical_name(name: str, config: ModelConfig, expected: set[str]) -> str | None:
-    """Maps a checkpoint name onto an expected name; None for buffers and a tied lm_head."""
+    """Maps a checkpoint name onto an expected name; None for buffers, a tied lm_head and the
+    vision parts of a Gemma 3 multimodal checkpoint."""
+    if config.family == "gemma3":
+        if _GEMMA3_VISION.match(name):
+            return None
+        for old, new in _GEMMA3_TEXT_PREFIXES:
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
     if name in expected:
         return name
     prefixed = f"{_PREFIX[config.family]}.{name}"

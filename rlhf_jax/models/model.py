@@ -1,4 +1,4 @@
-"""One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2 and Qwen3.
+"""One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3 and Gemma 2/3.
 
 Layer params carry a leading layer axis. A full pass (no cache: training, scoring) runs the layers
 as an `nn.scan`, so its compile time does not grow with depth, or unrolled for shallow models
@@ -9,10 +9,15 @@ copying it; that keeps the cost of a decode step proportional to the work, not t
 cache. The KV cache is an explicit pytree argument and return value. Functions take plain nested
 param dicts; `ModelConfig` is static.
 
+Sliding-window and full-attention layers (Mistral, Qwen2/3, Gemma 2/3) differ only in data: each
+layer gets its `is_local` flag (scanned with the layers' params) and picks its attention mask and
+RoPE table from the pass's two (see `masks`), so a model that mixes them still scans.
+
 Param tree (L = num_layers, D = hidden, H/N = query/kv heads, K = head_dim, F = mlp, V = vocab):
 
     embed/embedding [V, D]                 pos_embed/embedding [P, D]      (learned positions)
     layers/attn_norm/{scale, bias} [L, D]   layers/mlp_norm/{scale, bias} [L, D]  (bias: layernorm)
+    layers/attn_post_norm/scale [L, D]      layers/mlp_post_norm/scale [L, D]     (post_norms)
     layers/attn/q/{kernel [L, D, H, K], bias [L, H, K]}
     layers/attn/k, v/{kernel [L, D, N, K], bias [L, N, K]}
     layers/attn/o/{kernel [L, H, K, D], bias [L, D]}
@@ -34,7 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rlhf_jax.models import masks
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.rope import (  # noqa: F401 - _inv_freq, _materialized: for tests
+    _apply_rope,
+    _inv_freq,
+    _materialized,
+    _rope_tables,
+    rope_tables,
+)
 
 Params = dict[str, Any]
 _F32 = jnp.float32
@@ -130,7 +143,10 @@ class Dense(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale) over the last axis, computed in float32."""
+    """LayerNorm (scale and bias) or RMSNorm (scale) over the last axis, computed in float32.
+
+    With `norm_plus_one` (Gemma) the scale is stored as `weight - 1`: zero-initialised, applied
+    as `1 + scale`."""
 
     config: ModelConfig
     kind: str
@@ -141,14 +157,13 @@ class Norm(nn.Module):
         c = self.config
         shape = (x.shape[-1],)
         axes = (self.axis_name,)
-        scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, axes), shape, c.params_dtype
-        )
+        init = nn.initializers.zeros if c.norm_plus_one else nn.initializers.ones
+        scale = self.param("scale", nn.with_logical_partitioning(init, axes), shape, c.params_dtype)
         x = x.astype(_F32)
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         y = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
-        y = y * scale.astype(_F32)
+        y = y * (1.0 + scale.astype(_F32) if c.norm_plus_one else scale.astype(_F32))
         if self.kind == "layernorm":
             bias = self.param(
                 "bias",
@@ -158,66 +173,6 @@ class Norm(nn.Module):
             )
             y = y + bias.astype(_F32)
         return y.astype(c.compute_dtype)
-
-
-def _inv_freq(config: ModelConfig, positions_BT: jax.Array) -> jax.Array:
-    """RoPE inverse frequencies `[rotary_dim // 2]` float32, with HF rope scaling applied."""
-    dim = config.rotary_dim
-    exponents = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
-    scaling = dict(config.rope_scaling or ())
-    rope_type = scaling.get("rope_type")
-    if rope_type == "dynamic":
-        # NTK scaling from the largest position in the call, as transformers does per forward.
-        max_pos = config.max_position_embeddings
-        seq_len = jnp.maximum(jnp.max(positions_BT) + 1, max_pos).astype(_F32)
-        factor = scaling["factor"]
-        base = config.rope_theta * (factor * seq_len / max_pos - (factor - 1)) ** (dim / (dim - 2))
-        return 1.0 / base ** jnp.asarray(exponents)
-    inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
-    if rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
-    elif rope_type == "llama3":
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * np.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
-    return jnp.asarray(inv_freq, _F32)
-
-
-def _rope_tables(config: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Float32 `(cos, sin)`, each `[B, T, rotary_dim]` (HF layout: frequencies repeated twice)."""
-    angles = positions_BT.astype(_F32)[..., None] * _inv_freq(config, positions_BT)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return _materialized(jnp.cos(angles)), _materialized(jnp.sin(angles))
-
-
-def _materialized(x: jax.Array) -> jax.Array:
-    """Finite `x`, bit for bit (a product with the identity matrix at full precision), as the
-    output of a dot.
-
-    XLA:CPU fuses cheap elementwise producers into each consumer: without this, every fusion that
-    reads the RoPE tables (q and k, forward, backward and recomputation, in every layer)
-    re-evaluates cos and sin for every head. `lax.optimization_barrier` does not prevent that on
-    CPU (the barrier is gone before fusion); a dot is never duplicated. Measured on the PPO
-    benchmark: an iteration 8-9% faster on configs A and B, decoding 2-3% faster."""
-    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
-    return jnp.einsum("...r,rs->...s", x, eye, precision=lax.Precision.HIGHEST)
-
-
-def _apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on the first `rotary_dim` features of each head (float32 math)."""
-    rot_dim = cos_BTR.shape[-1]
-    x = x_BTHK.astype(_F32)
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    x1, x2 = jnp.split(x_rot, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    x_rot = x_rot * cos_BTR[:, :, None] + rotated * sin_BTR[:, :, None]
-    return jnp.concatenate([x_rot, x_pass], axis=-1).astype(x_BTHK.dtype)
 
 
 @jax.custom_vjp
@@ -249,18 +204,22 @@ def _attend(
     allowed_BTS: jax.Array,
     scale,
     kv_layout: str = "bsnk",
+    softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query softmax attention; scores and softmax in float32.
 
     `k`, `v` are `[B, S, N, K]` (`kv_layout="bsnk"`) or `[B, N, S, K]` (`"bnsk"`, the cache).
-    Query head h reads kv head `h // (H // N)` (HF `repeat_kv` order). Rows with no allowed key
-    get uniform weights (finite, never NaN).
+    Query head h reads kv head `h // (H // N)` (HF `repeat_kv` order). Scaled scores are
+    soft-capped (`tanh(s / softcap) * softcap`) before the mask when `softcap` is set. Rows with
+    no allowed key get uniform weights (finite, never NaN).
     """
     b, t, h, d = q_BTHK.shape
     n = k.shape[kv_layout.index("n")]
     q_BTNGK = q_BTHK.reshape(b, t, n, h // n, d)
     scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q_BTNGK, k, preferred_element_type=_F32)
     scores = scores * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(_F32).min)
     probs = _softmax(scores).astype(v.dtype)
     out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
@@ -305,9 +264,12 @@ class Attention(nn.Module):
             v = _constrain(v, "batch", "act_kv_heads", "cache_length", None)
             kv, layout = (k, v), "bnsk"
         scale = c.head_dim**-0.5 if c.attn_scale else 1.0
+        if c.query_pre_attn_scalar is not None:
+            scale = c.query_pre_attn_scalar**-0.5
         if c.attn_scale_by_inverse_layer:
             scale = scale / (jnp.asarray(layer_idx) + 1).astype(_F32)
-        out = _attend(q, k.astype(q.dtype), v.astype(q.dtype), allowed_BTS, scale, layout)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = _attend(q, k, v, allowed_BTS, scale, layout, c.attn_logit_softcap)
         out = _constrain(out, "batch", "length", "act_heads", None)
         o = Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), c.attn_out_bias, 2, name="o")
         return o(out), kv
@@ -331,17 +293,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer: `(h, (layer_idx, kv)) -> (h, kv)`; the `nn.scan` body of a full pass,
-    applied layer by layer (with one layer's params and cache) in a cached pass."""
+    """One decoder layer: `(h, (layer_idx, is_local, kv)) -> (h, kv)`; the `nn.scan` body of a
+    full pass, applied layer by layer (with one layer's params and cache) in a cached pass.
+
+    `rope` is `rope_tables`' `(global, local)` pair (None for learned positions) and `allowed`
+    the `masks.Masks` pair; the layer takes the local ones when `is_local` (see `masks`)."""
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, h_BTD, xs, rope, allowed_BTS, index, queries=None):
+    def __call__(self, h_BTD, xs, rope, allowed, index, queries=None):
         """`queries=(start, length)`: compute (and return) only those positions; see
         `Attention`."""
         c = self.config
-        layer_idx, kv = xs
+        layer_idx, is_local, kv = xs
+        rope = None if rope is None else masks.for_layer(is_local, *rope)
+        allowed_BTS = masks.for_layer(is_local, *allowed)
         attn = Attention(c, name="attn")
         attn_out, kv = attn(
             Norm(c, c.norm, name="attn_norm")(h_BTD),
@@ -352,14 +319,21 @@ class Block(nn.Module):
             index,
             queries,
         )
+        if c.post_norms:
+            attn_out = Norm(c, c.norm, name="attn_post_norm")(attn_out)
         if queries is not None:
             h_BTD = h_BTD[:, queries[0] : queries[0] + queries[1]]
         mlp_norm, mlp = Norm(c, c.norm, name="mlp_norm"), MLP(c, name="mlp")
+
+        def mlp_out(x_BTD):
+            y_BTD = mlp(mlp_norm(x_BTD))
+            return Norm(c, c.norm, name="mlp_post_norm")(y_BTD) if c.post_norms else y_BTD
+
         if c.parallel_residual:
-            h_BTD = h_BTD + attn_out + mlp(mlp_norm(h_BTD))
+            h_BTD = h_BTD + attn_out + mlp_out(h_BTD)
         else:
             h_BTD = h_BTD + attn_out
-            h_BTD = h_BTD + mlp(mlp_norm(h_BTD))
+            h_BTD = h_BTD + mlp_out(h_BTD)
         return _constrain(h_BTD, "batch", "length", "act_embed"), kv
 
 
@@ -371,12 +345,9 @@ def _remat_policy(config: ModelConfig):
 
 
 def _full_pass_inputs(config: ModelConfig, positions_BT: jax.Array, mask_BT: jax.Array):
-    """RoPE tables (None for learned positions) and the `[B, T, T]` mask of a full pass: query
-    `i` attends to keys `j <= i` with `mask[j]`."""
-    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
-    t = mask_BT.shape[1]
-    causal_TT = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    return rope, causal_TT[None] & mask_BT.astype(bool)[:, None, :]
+    """RoPE tables (`rope_tables`) and the `[B, T, T]` masks of a full pass
+    (`masks.full_pass_masks`): query `i` attends to keys `j <= i` with `mask[j]`."""
+    return rope_tables(config, positions_BT), masks.full_pass_masks(config, mask_BT)
 
 
 class Transformer(nn.Module):
@@ -422,8 +393,11 @@ class Transformer(nn.Module):
         # rows come out split over the batch axes, which a table split along `embed` over `fsdp`
         # cannot give without replicating the gathered activations first.
         table_VD = _constrain(self.embed.embedding, "vocab", None)
-        h = jnp.take(table_VD.astype(self.config.compute_dtype), tokens_BT, axis=0)
-        if self.config.positions == "learned":
+        c = self.config
+        h = jnp.take(table_VD.astype(c.compute_dtype), tokens_BT, axis=0)
+        if c.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers
+            h = h * jnp.asarray(c.hidden_size**0.5, c.compute_dtype)
+        if c.positions == "learned":
             h = h + self.pos_embed(positions_BT)
         return _constrain(h, "batch", "length", "act_embed")
 
@@ -434,9 +408,9 @@ class Transformer(nn.Module):
         """Full pass (no cache): each query attends to keys `j <= i` with `mask[j]`."""
         c = self.config
         h = self.embed_tokens(tokens_BT, positions_BT)
-        rope, allowed_BTS = _full_pass_inputs(c, positions_BT, mask_BT)
-        layer_ids = jnp.arange(c.num_layers)
-        h, _ = self.layers(h, (layer_ids, None), rope, allowed_BTS, None)
+        rope, allowed = _full_pass_inputs(c, positions_BT, mask_BT)
+        xs = (jnp.arange(c.num_layers), jnp.asarray(masks.layer_flags(c)), None)
+        h, _ = self.layers(h, xs, rope, allowed, None)
         return self.final_norm(h)
 
     def logits(self, hidden_BTD):
@@ -444,6 +418,9 @@ class Transformer(nn.Module):
         if c.head != "lm" and not c.tie_embeddings:
             raise ValueError("lm_logits needs head='lm' or tied embeddings; this is a score model")
         logits = self.embed.attend(hidden_BTD) if c.tie_embeddings else self.lm_head(hidden_BTD)
+        if c.final_logit_softcap is not None:
+            cap = c.final_logit_softcap
+            logits = (jnp.tanh(logits.astype(_F32) / cap) * cap).astype(logits.dtype)
         return _constrain(logits, "batch", "length", "act_vocab")
 
     def scores(self, hidden_BTD):
@@ -517,6 +494,9 @@ def forward(
         `index + T <= max_len`), `mask_BT` to `cache.mask` there, and query `i` (slot
         `index + i`) attends to slots `j <= index + i` with `cache.mask[j]`; index advances by T.
         Prefill (T = prompt length) and decode (T = 1) are the same code; `index` may be traced.
+        Sliding-window layers (`ModelConfig.local_layers`) see, in either pass, only keys among
+        the last `sliding_window` real tokens up to the query (see `masks`); their cache is full
+        length too.
       outputs: full pass only: `(start, length)` (static ints) returns the hidden states of
         positions `[start, start + length)` only, `[B, length, D]`. With unrolled layers the last
         layer computes only those positions (its queries, attention output and MLP), so callers
@@ -554,21 +534,20 @@ def forward(
         )
     variables = {"params": params}
     h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
-    rope = _rope_tables(config, positions_BT) if config.positions == "rope" else None
+    rope = rope_tables(config, positions_BT)
     t, index = tokens_BT.shape[1], cache.index
     kv_mask = lax.dynamic_update_slice(cache.mask, mask_BT.astype(bool), (0, index))
-    q_slot_T = index + jnp.arange(t)
-    causal_TS = jnp.arange(cache.mask.shape[1])[None, :] <= q_slot_T[:, None]
-    allowed_BTS = causal_TS[None] & kv_mask[:, None, :]
+    allowed = masks.cached_masks(config, kv_mask, index, t)
     # Unrolled: each layer reads its own weights and its own cache buffer, and writes back only
     # the new slots.
     layers = params["layers"]
     if not isinstance(layers, (list, tuple)):
         layers = unstack_layers(params)["layers"]
     block, keys, values = Block(config), [], []
+    is_local = masks.layer_flags(config)
     for i, layer in enumerate(layers):
-        xs = (np.int32(i), (cache.k[i], cache.v[i]))
-        h, (k, v) = block.apply({"params": layer}, h, xs, rope, allowed_BTS, index)
+        xs = (np.int32(i), is_local[i], (cache.k[i], cache.v[i]))
+        h, (k, v) = block.apply({"params": layer}, h, xs, rope, allowed, index)
         keys.append(k)
         values.append(v)
     h = model.apply(variables, h, method=Transformer.final)
@@ -591,15 +570,15 @@ def _unrolled_full_pass(
     need every position for its keys and values)."""
     model, variables = Transformer(config), {"params": params}
     h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
-    rope, allowed_BTS = _full_pass_inputs(config, positions_BT, mask_BT)
+    rope, allowed = _full_pass_inputs(config, positions_BT, mask_BT)
     n = config.num_layers
     split = jax.tree.map(lambda w: jnp.split(w, n, axis=0), params["layers"])
-    block = Block(config)
+    block, is_local = Block(config), masks.layer_flags(config)
 
     def layer(layer_params, h_BTD, i, queries):
-        xs = (np.int32(i), None)
+        xs = (np.int32(i), is_local[i], None)
         variables = {"params": layer_params}
-        return block.apply(variables, h_BTD, xs, rope, allowed_BTS, None, queries)[0]
+        return block.apply(variables, h_BTD, xs, rope, allowed, None, queries)[0]
 
     layer = jax.checkpoint(
         layer, policy=_remat_policy(config), prevent_cse=False, static_argnums=(2, 3)
