@@ -193,8 +193,8 @@ def real_report(policy: models.ModelConfig) -> tuple[str, dict[str, Any]]:
     """Place real arrays on the FSDP mesh and compare to the abstract figures."""
     config, ppo_models = ppo_setup(policy)
     mesh = sh.make_mesh(MESHES["1x8x1 (fsdp)"])
-    policy_params = sh.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
-    reward_params = sh.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh)
+    policy_params = models.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
+    reward_params = models.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh)
     state = ppo.jit_init_state(config, ppo_models, mesh)(policy_params, reward_params)
     parts = _parts(state, ppo.FrozenParams(policy_params, reward_params))
     measured = measured_bytes(parts)

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from rlhf_jax import models, ppo, sharding  # noqa: E402
-from rlhf_jax._host import release_host_memory  # noqa: E402
+from rlhf_jax.host import release_host_memory  # noqa: E402
 from rlhf_jax.sampling import generate  # noqa: E402
 
 PEER_SCRIPT = Path(__file__).resolve().parents[2] / "shared" / "peer-bench" / "trl_ppo_bench.py"
@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"  {k:<22}{(v or 0) / 1e9:10.2f} GFLOP")
 
     # Compiled: give the compiler's freed heap back to the OS before anything runs, so the peak RSS
-    # is max(compile, run) rather than their sum (see rlhf_jax._host.release_host_memory).
+    # is max(compile, run) rather than their sum (see rlhf_jax.host.release_host_memory).
     release_host_memory()
 
     # ---------------------------------------------------------------- timed iterations

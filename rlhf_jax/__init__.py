@@ -29,12 +29,15 @@ from rlhf_jax.critic_free import (
 from rlhf_jax.critic_free import jit_iteration as jit_critic_free_iteration
 from rlhf_jax.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
 from rlhf_jax.losses import (
+    adapt_penalty_beta,
     aggregate_loss,
     bradley_terry_loss,
     lm_loss,
+    ppo_penalty_loss,
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rlhf_jax.models import jit_forward, load_sharded, param_shardings, sharded_init_params
 from rlhf_jax.ops import (
     INVALID_LOGPROB,
     first_true_indices,
@@ -89,7 +92,7 @@ from rlhf_jax.rewards import (
     score_indices,
     shape_rewards,
 )
-from rlhf_jax.sampling import Generation, SamplingConfig, generate
+from rlhf_jax.sampling import Generation, SamplingConfig, generate, jit_generate
 from rlhf_jax.sft import (
     SFTBatch,
     TrainConfig,
@@ -102,16 +105,11 @@ from rlhf_jax.sft import (
 from rlhf_jax.sharding import (
     DEFAULT_RULES,
     MeshConfig,
-    jit_forward,
-    jit_generate,
-    load_sharded,
     local_batch_slice,
     make_mesh,
-    param_shardings,
     place_batch,
     shard_params,
     sharded_init,
-    sharded_init_params,
     with_rules,
 )
 
@@ -127,6 +125,8 @@ _logging.getLogger("transformers").addFilter(_drop_missing_torch_advice)
 __version__ = "0.1.0"
 
 __all__ = [
+    "adapt_penalty_beta",
+    "ppo_penalty_loss",
     "PPOShardings",
     "jit_forward",
     "jit_generate",

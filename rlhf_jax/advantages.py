@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_same_shape
+from rlhf_jax.checks import check_same_shape
 from rlhf_jax.ops import masked_sum, masked_whiten
 
 

@@ -33,10 +33,11 @@ import numpy as np
 import optax
 
 from rlhf_jax import models
-from rlhf_jax._update import accumulate_grads, apply_if_finite
+from rlhf_jax import sharding as sh
 from rlhf_jax.advantages import AdvantageInputs, estimate_advantages
 from rlhf_jax.losses import LOSS_AGGREGATIONS, AggregationMode, aggregate_loss, ppo_policy_loss
 from rlhf_jax.ops import masked_mean, masked_sum
+from rlhf_jax.optim import accumulate_grads, apply_if_finite, scan_epochs, summarize_update
 from rlhf_jax.ppo import policy_logprobs, reward_scores
 from rlhf_jax.rewards import (
     KL_ESTIMATORS,
@@ -48,6 +49,7 @@ from rlhf_jax.rewards import (
     fixed_kl_controller,
     kl_penalty,
 )
+from rlhf_jax.rl_config import RLConfig
 from rlhf_jax.sampling import Generation, SamplingConfig, generate
 
 Params = Any
@@ -121,8 +123,11 @@ class RolloutSpec:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class CriticFreeConfig:
+class CriticFreeConfig(RLConfig):
     """Options shared by RLOO, GRPO and REINFORCE++ (use one of the subclasses).
+
+    Sampling, the update loop's sizes, the optimiser and its schedule are `RLConfig`'s options
+    (shared with PPO); each subclass adds its advantage, loss and KL options.
 
     Batch layout: `num_prompts` prompts x `group_size` completions = `batch_size` rows per
     iteration, split into `num_mini_batches` minibatches (one optimiser step each) of
@@ -130,52 +135,15 @@ class CriticFreeConfig:
 
     Attributes:
       num_prompts: prompts per iteration.
-      response_length: new tokens sampled per completion (the maximum completion length).
-      temperature, top_k, top_p, min_p: sampling (see `SamplingConfig`); log-probs for the ratio
-        use the temperature-scaled, unfiltered distribution.
-      stop_token_ids: a completion ends at the first of these (kept); the rest is padding.
-      pad_token_id: token written after the stop token.
-      missing_eos_penalty: subtracted from the score of completions without a stop token.
-      num_mini_batches, gradient_accumulation_steps: update loop sizes.
-      learning_rate: AdamW peak learning rate; constant within an iteration, linear warmup over
-        `warmup_iterations`, then linear decay to 0 at `total_iterations`.
-      weight_decay, adam_eps, max_grad_norm: AdamW settings (`max_grad_norm=None`: no clipping).
-      entropy_coef: entropy bonus weight (0 = off).
-      recompute_old_logprobs: recompute rollout log-probs with a training-style forward instead of
-        taking them from the sampler.
-      logprob_chunk_size: positions per chunk when computing log-probs from hidden states.
-      decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
     """
 
     num_prompts: int
-    response_length: int = 53
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    stop_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    missing_eos_penalty: float | None = None
-    num_mini_batches: int = 1
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-6
-    total_iterations: int = 1000
-    warmup_iterations: int = 0
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
-    entropy_coef: float = 0.0
-    recompute_old_logprobs: bool = False
-    logprob_chunk_size: int | None = None
-    decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
         if type(self) is CriticFreeConfig:
             raise TypeError("use RLOOConfig, GRPOConfig or ReinforcePPConfig")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("num_prompts", "response_length", "total_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_prompts < 1:
+            raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         core = self.core()  # validates the algorithm's options
         if core.epochs < 1:
             raise ValueError(f"the number of update epochs must be >= 1, got {core.epochs}")
@@ -189,12 +157,7 @@ class CriticFreeConfig:
                 f"({self.num_mini_batches}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) = {per_update}; change one of them"
             )
-        if self.logprob_chunk_size is not None and self.response_length % self.logprob_chunk_size:
-            raise ValueError(
-                f"logprob_chunk_size={self.logprob_chunk_size} must divide "
-                f"response_length={self.response_length}"
-            )
-        self.sampling_config()
+        self.check_common()
         self.kl_controller()
 
     def core(self) -> CoreSpec:
@@ -211,20 +174,8 @@ class CriticFreeConfig:
         return self.num_prompts * self.core().group_size
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // (self.num_mini_batches * self.gradient_accumulation_steps)
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(
-            max_new_tokens=self.response_length,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            stop_token_ids=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            decode_chunks=self.decode_chunks,
-        )
+    def steps_per_iteration(self) -> int:
+        return self.core().epochs * self.num_mini_batches
 
     def rollout_spec(self) -> RolloutSpec:
         core = self.core()
@@ -571,44 +522,13 @@ class Experience(flax.struct.PyTreeNode):
     sequence_lengths: jax.Array  # int32 [B]
 
 
-def _schedule(config: CriticFreeConfig) -> optax.Schedule:
-    """Learning rate per optimiser step, constant within an iteration: linear warmup over
-    `warmup_iterations`, then linear decay to 0 at `total_iterations`."""
-    steps_per_iteration = config.core().epochs * config.num_mini_batches
-    warmup = config.warmup_iterations
-    decay_iterations = max(config.total_iterations - warmup, 1)
-    peak = config.learning_rate
-
-    def schedule(count: jax.Array) -> jax.Array:
-        it = (count // steps_per_iteration).astype(jnp.float32)
-        warm = (it + 1.0) / warmup if warmup else 1.0
-        decay = 1.0 - jnp.clip((it - warmup) / decay_iterations, 0.0, 1.0)
-        return peak * jnp.where(it < warmup, warm, decay)
-
-    return schedule
-
-
-def learning_rate(config: CriticFreeConfig, iteration: jax.Array) -> jax.Array:
-    """The learning rate used during `iteration` (0-based)."""
-    steps = config.core().epochs * config.num_mini_batches
-    return _schedule(config)(jnp.asarray(iteration) * steps)
-
-
-def make_optimizer(config: CriticFreeConfig) -> optax.GradientTransformation:
-    """AdamW (after global-norm clipping unless `max_grad_norm` is None) on the schedule."""
-    adamw = optax.adamw(_schedule(config), eps=config.adam_eps, weight_decay=config.weight_decay)
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-
-
 def init_state(policy_params: Params, config: CriticFreeConfig) -> CriticFreeState:
     """Fresh optimiser and KL state around a copy of `policy_params` (so iterations can donate the
     state while the same arrays serve as the frozen reference)."""
     policy_params = jax.tree.map(jnp.copy, policy_params)
     return CriticFreeState(
         policy_params=policy_params,
-        opt_state=make_optimizer(config).init(policy_params),
+        opt_state=config.optimizer().init(policy_params),
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),
@@ -802,6 +722,8 @@ def build_experience(
         "nonfinite/scores": jnp.sum(~jnp.isfinite(raw_scores)).astype(jnp.float32),
         "nonfinite/advantages": jnp.sum(~jnp.isfinite(advantages) & gen.mask).astype(jnp.float32),
     }
+    if gen.decode_steps is not None:  # steps run before every row stopped (early exit)
+        metrics["perf/decode_steps"] = gen.decode_steps.astype(jnp.float32)
     return exp, metrics
 
 
@@ -935,16 +857,13 @@ def update(
     keep their values) and counted in `nonfinite/updates`.
     """
     core = config.core()
-    tx = make_optimizer(config)
-    n_mb, n_acc, micro = (
-        config.num_mini_batches,
-        config.gradient_accumulation_steps,
-        config.micro_batch_size,
-    )
+    tx = config.optimizer()
+    n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     mask_f = exp.mask.astype(jnp.float32)
 
-    def minibatch_step(state: CriticFreeState, idx_AU: jax.Array):
+    def minibatch_step(state: CriticFreeState, inputs):
+        idx_AU, _ = inputs
         if core.global_token_norm:
             scales_A = minibatch_token_scales(mask_f[idx_AU])
         else:
@@ -967,18 +886,16 @@ def update(
         aux["grad_norm/policy"] = norm
         return state, aux
 
-    def epoch_step(state: CriticFreeState, epoch_key: jax.Array):
-        perm = jax.random.permutation(epoch_key, config.batch_size)
-        return jax.lax.scan(minibatch_step, state, perm.reshape(n_mb, n_acc, micro))
-
-    state, aux = jax.lax.scan(epoch_step, state, jax.random.split(key, core.epochs))
-    metrics = {k: jnp.mean(v) for k, v in aux.items() if not k.startswith("nonfinite")}
-    metrics["nonfinite/updates"] = jnp.sum(aux["nonfinite/updates"])
-    metrics["val/ratio_var"] = jnp.var(aux["val/ratio"])  # TRL: variance across minibatches
-    # The first minibatch sees the rollout policy: ratio 1 up to the sampler/trainer numeric gap.
-    metrics["policy/first_ratio_std"] = jnp.sqrt(aux["val/ratio_var"][0, 0])
-    metrics["policy/first_approxkl"] = aux["policy/approxkl_avg"][0, 0]
-    return state, metrics
+    state, aux = scan_epochs(
+        minibatch_step,
+        state,
+        key,
+        epochs=core.epochs,
+        batch_size=config.batch_size,
+        num_mini_batches=n_mb,
+        gradient_accumulation_steps=n_acc,
+    )
+    return state, summarize_update(aux)
 
 
 # --------------------------------------------------------------------------------- iteration
@@ -995,7 +912,7 @@ def finish_iteration(
 ) -> tuple[CriticFreeState, dict[str, jax.Array]]:
     """Update on `exp`, then advance the KL controller and the iteration / episode counters
     (episodes count completions)."""
-    lr = learning_rate(config, state.iteration)
+    lr = config.learning_rate_at(state.iteration)
     state, update_metrics = update(state, exp, key, config=config, cf_models=cf_models)
     kl = config.kl_controller().update(state.kl, exp_metrics["objective/kl"], config.batch_size)
     state = state.replace(
@@ -1070,9 +987,7 @@ def critic_free_shardings(
     and metrics replicated. Prompts are replicated too (`N x P` ints): the rows are split over
     `("data", "fsdp")` after the group expansion, by the models' activation constraints, so
     `num_prompts` need not divide the mesh."""
-    from rlhf_jax import sharding as sh
-
-    policy = sh.param_shardings(cf_models.policy, mesh, rules)
+    policy = models.param_shardings(cf_models.policy, mesh, rules)
     abstract_policy = jax.eval_shape(
         lambda k: models.init_params(cf_models.policy, k), jax.random.key(0)
     )
@@ -1087,7 +1002,7 @@ def critic_free_shardings(
     )
     reward = None
     if cf_models.reward is not None:
-        reward = sh.param_shardings(cf_models.reward, mesh, rules)
+        reward = models.param_shardings(cf_models.reward, mesh, rules)
     frozen = CriticFreeFrozen(ref=policy if config.core().needs_ref else None, reward=reward)
     return CriticFreeShardings(state=state, frozen=frozen, replicated=rep)
 
@@ -1106,7 +1021,6 @@ def jit_iteration(
     function is traced inside `sharding.with_rules(mesh, rules)`; the returned state keeps the
     input state's shardings. Statistics (group baselines, whitening, metric means) are over the
     global batch."""
-    from rlhf_jax import sharding as sh
 
     def fn(state, frozen, prompts_NP, prompt_mask_NP, key):
         return iteration(

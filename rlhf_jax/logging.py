@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_jax._host import compile_seconds
 from rlhf_jax.config import LoggingConfig
+from rlhf_jax.host import compile_seconds
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_floating
+from rlhf_jax.checks import check_floating
 
 
 def selective_log_softmax(logits: ArrayLike, tokens: ArrayLike) -> jax.Array:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_same_shape
+from rlhf_jax.checks import check_same_shape
 from rlhf_jax.ops import masked_mean, masked_sum
 
 LOSS_AGGREGATIONS = (
@@ -115,6 +115,65 @@ def ppo_policy_loss(
         "ratio_max": jnp.max(jnp.where(jnp.asarray(mask) > 0, ratio, -jnp.inf)),
     }
     return loss, aux
+
+
+def ppo_penalty_loss(
+    logprobs: ArrayLike,
+    old_logprobs: ArrayLike,
+    advantages: ArrayLike,
+    mask: ArrayLike,
+    *,
+    beta: ArrayLike,
+    aggregation: AggregationMode = "token-mean",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """PPO's adaptive-KL-penalty surrogate (Schulman et al. 2017, section 4; "Secrets of RLHF").
+
+    Per token `-A * ratio + beta * kl`, `ratio = exp(logprobs - old_logprobs)`, with
+    `kl = (ratio - 1) - log(ratio)` the k3 estimate of KL(pi_old || pi) from tokens sampled by
+    pi_old (non-negative, unbiased, gradient 0 at ratio 1). No clipping: the penalty keeps the new
+    policy near the old one, and `adapt_penalty_beta` steers `beta` toward a target KL.
+
+    Args:
+      logprobs, old_logprobs, advantages, mask: as in `ppo_policy_loss` (`[B, T]`).
+      beta: float scalar, the penalty coefficient (not differentiated).
+      aggregation: see `aggregate_loss`.
+    Returns:
+      `(loss, aux)`; aux as `ppo_policy_loss` (`clipfrac` and `dual_clipfrac` are 0) plus
+      `penalty_kl`, the masked mean of the per-token KL estimate.
+    """
+    check_same_shape(
+        "ppo_penalty_loss",
+        logprobs=logprobs,
+        old_logprobs=old_logprobs,
+        advantages=advantages,
+        mask=mask,
+    )
+    adv = jnp.asarray(advantages, jnp.float32)
+    log_ratio = jnp.asarray(logprobs, jnp.float32) - jnp.asarray(old_logprobs, jnp.float32)
+    ratio = jnp.exp(log_ratio)
+    kl = (ratio - 1.0) - log_ratio
+    beta = jax.lax.stop_gradient(jnp.asarray(beta, jnp.float32))
+    loss = aggregate_loss(-adv * ratio + beta * kl, mask, aggregation)
+    ratio_mean = masked_mean(ratio, mask)
+    zero = jnp.zeros((), jnp.float32)
+    aux = {
+        "clipfrac": zero,
+        "dual_clipfrac": zero,
+        "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio), mask),
+        "ratio_mean": ratio_mean,
+        "ratio_var": masked_mean(jnp.square(ratio - ratio_mean), mask),
+        "ratio_max": jnp.max(jnp.where(jnp.asarray(mask) > 0, ratio, -jnp.inf)),
+        "penalty_kl": masked_mean(kl, mask),
+    }
+    return loss, aux
+
+
+def adapt_penalty_beta(beta: ArrayLike, kl: ArrayLike, target: float) -> jax.Array:
+    """The PPO-penalty coefficient after one update (Schulman et al. 2017): halved when the
+    measured KL is below `target / 1.5`, doubled when above `target * 1.5`, else kept."""
+    beta = jnp.asarray(beta, jnp.float32)
+    kl = jnp.asarray(kl, jnp.float32)
+    return jnp.where(kl < target / 1.5, beta / 2, jnp.where(kl > target * 1.5, beta * 2, beta))
 
 
 def ppo_value_loss(

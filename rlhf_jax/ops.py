@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_if_concrete, check_same_shape
+from rlhf_jax.checks import check_if_concrete, check_same_shape
 
 #: Log-prob stored at masked (padding) positions. Both the policy and the reference hold it there,
 #: so every KL estimator is exactly 0 on padding.

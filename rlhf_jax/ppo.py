@@ -31,11 +31,19 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
-from rlhf_jax._update import accumulate_grads, apply_if_finite
+from rlhf_jax import sharding as sh
 from rlhf_jax.advantages import gae
 from rlhf_jax.logprobs import logprobs_from_hidden
-from rlhf_jax.losses import AggregationMode, lm_loss, ppo_policy_loss, ppo_value_loss
+from rlhf_jax.losses import (
+    AggregationMode,
+    adapt_penalty_beta,
+    lm_loss,
+    ppo_penalty_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
 from rlhf_jax.ops import INVALID_LOGPROB, masked_mean, masked_sum, masked_whiten, response_mask
+from rlhf_jax.optim import accumulate_grads, apply_if_finite, scan_epochs, summarize_update
 from rlhf_jax.rewards import (
     KLController,
     KLState,
@@ -46,14 +54,18 @@ from rlhf_jax.rewards import (
     score_indices,
     shape_rewards,
 )
-from rlhf_jax.sampling import Generation, SamplingConfig, generate, prompt_positions
+from rlhf_jax.rl_config import RLConfig
+from rlhf_jax.sampling import Generation, generate, prompt_positions
 
 Params = Any
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPOConfig:
+class PPOConfig(RLConfig):
     """PPO hyperparameters. Defaults equal TRL's `PPOConfig` where TRL has the option.
+
+    Sampling, the update loop's sizes, the optimiser and its schedule are `RLConfig`'s options
+    (shared with the critic-free algorithms); the rest are PPO's own.
 
     Batch layout: `batch_size` prompts per iteration, split into `num_mini_batches` minibatches
     (one optimiser step each), each split into `gradient_accumulation_steps` micro-batches whose
@@ -61,11 +73,6 @@ class PPOConfig:
 
     Attributes:
       batch_size: prompts (episodes) per iteration.
-      response_length: new tokens sampled per prompt (TRL 53).
-      temperature: sampling temperature; log-probs for the ratio use the same scaled logits.
-      stop_token_ids: a response ends at the first of these (kept); the rest is padding.
-      pad_token_id: token written after the stop token.
-      missing_eos_penalty: subtracted from the score of responses without a stop token.
       score_position: "last_token" (default) or "after_last_token" (TRL's exact placement);
         values are trained up to the same position.
       kl_coef: initial KL coefficient. kl_estimator: "k1" | "k2" | "k3".
@@ -73,29 +80,20 @@ class PPOConfig:
       whiten_rewards: whiten per-token rewards (without shifting the mean) before GAE.
       whiten_advantages: whiten advantages over the whole batch (TRL always does).
       gamma, lam: GAE discount and lambda.
-      num_ppo_epochs, num_mini_batches, gradient_accumulation_steps: update loop sizes.
+      num_ppo_epochs: passes over each batch.
+      policy_loss: "clip" (the clipped surrogate, `ppo_policy_loss`) or "penalty" (PPO-Penalty:
+        `-ratio * A + beta * KL(pi_old || pi)` without a clip, `ppo_penalty_loss`).
       cliprange, cliprange_high, dual_clip: policy clipping (see `ppo_policy_loss`).
+      penalty_beta: PPO-Penalty's initial beta. penalty_kl_target: after each iteration's update
+        beta is halved when the update's mean KL estimate is below `target / 1.5` and doubled
+        above `target * 1.5` (`adapt_penalty_beta`).
       cliprange_value: value clipping range. vf_coef: value loss weight.
-      entropy_coef: entropy bonus weight (0 = off).
       loss_aggregation: how the policy loss reduces over tokens (see `aggregate_loss`).
-      learning_rate, value_learning_rate: AdamW learning rates (value defaults to the policy's).
-      total_iterations: the linear decay reaches 0 after this many iterations (TRL decays the
-        learning rate once per iteration). warmup_iterations: linear warmup before that.
-      weight_decay, adam_eps, max_grad_norm: AdamW settings; `max_grad_norm=None` disables the
-        global-norm clipping (applied to policy and value gradients separately).
+      value_learning_rate: the value optimiser's peak learning rate (default: `learning_rate`).
       ptx_coef: weight of the PPO-ptx language-modelling loss on a pretraining batch.
-      recompute_old_logprobs: recompute rollout log-probs with a separate training-style forward
-        pass instead of taking them from sampling (removes the sampler/trainer numeric gap).
-      logprob_chunk_size: positions per chunk when computing log-probs from hidden states.
-      decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
     """
 
     batch_size: int
-    response_length: int = 53
-    temperature: float = 0.7
-    stop_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    missing_eos_penalty: float | None = None
     score_position: Literal["last_token", "after_last_token"] = "last_token"
     kl_coef: float = 0.05
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -106,62 +104,43 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     num_ppo_epochs: int = 4
-    num_mini_batches: int = 1
-    gradient_accumulation_steps: int = 1
+    policy_loss: Literal["clip", "penalty"] = "clip"
     cliprange: float = 0.2
     cliprange_high: float | None = None
     dual_clip: float | None = None
+    penalty_beta: float = 1.0
+    penalty_kl_target: float = 0.01
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
-    entropy_coef: float = 0.0
     loss_aggregation: AggregationMode = "token-mean"
-    learning_rate: float = 3e-6
     value_learning_rate: float | None = None
-    total_iterations: int = 1000
-    warmup_iterations: int = 0
-    weight_decay: float = 0.0
-    adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
     ptx_coef: float = 0.0
-    recompute_old_logprobs: bool = False
-    logprob_chunk_size: int | None = None
-    decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         per_update = self.num_mini_batches * self.gradient_accumulation_steps
-        if self.batch_size < 1 or self.batch_size % per_update:
+        if self.batch_size < 1 or per_update < 1 or self.batch_size % per_update:
             raise ValueError(
                 f"batch_size={self.batch_size} must be a positive multiple of num_mini_batches "
                 f"({self.num_mini_batches}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) = {per_update}; change one of them"
             )
-        for name in ("response_length", "num_ppo_epochs", "total_iterations"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_ppo_epochs < 1:
+            raise ValueError(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if self.logprob_chunk_size is not None and self.response_length % self.logprob_chunk_size:
+        if self.policy_loss not in ("clip", "penalty"):
+            raise ValueError(f"policy_loss must be 'clip' or 'penalty', got {self.policy_loss!r}")
+        if self.penalty_beta <= 0 or self.penalty_kl_target <= 0:
             raise ValueError(
-                f"logprob_chunk_size={self.logprob_chunk_size} must divide "
-                f"response_length={self.response_length}"
+                f"penalty_beta and penalty_kl_target must be > 0, got {self.penalty_beta}, "
+                f"{self.penalty_kl_target}"
             )
-        # Constructing these validates the remaining fields with their own messages.
-        self.sampling_config()
-        self.kl_controller()
+        self.check_common()
+        self.kl_controller()  # validates the KL options with their own messages
 
     @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // (self.num_mini_batches * self.gradient_accumulation_steps)
-
-    def sampling_config(self) -> SamplingConfig:
-        return SamplingConfig(
-            max_new_tokens=self.response_length,
-            temperature=self.temperature,
-            stop_token_ids=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            decode_chunks=self.decode_chunks,
-        )
+    def steps_per_iteration(self) -> int:
+        return self.num_ppo_epochs * self.num_mini_batches
 
     def kl_controller(self) -> KLController:
         if self.kl_target is None:
@@ -232,6 +211,7 @@ class PPOState(flax.struct.PyTreeNode):
     kl: KLState
     iteration: jax.Array  # int32 scalar: completed iterations
     episode: jax.Array  # int32 scalar: prompts seen
+    penalty_beta: jax.Array | None = None  # float32 scalar with policy_loss="penalty", else None
 
 
 class Experience(flax.struct.PyTreeNode):
@@ -503,6 +483,8 @@ def build_experience(
         "nonfinite/scores": jnp.sum(~jnp.isfinite(raw_scores)).astype(jnp.float32),
         "nonfinite/rewards": jnp.sum(~jnp.isfinite(rewards) * mask_f).astype(jnp.float32),
     }
+    if gen.decode_steps is not None:  # steps run before every row stopped (early exit)
+        metrics["perf/decode_steps"] = gen.decode_steps.astype(jnp.float32)
     return exp, metrics
 
 
@@ -530,44 +512,10 @@ def make_experience(
 # ------------------------------------------------------------------------------------ update
 
 
-def _schedule(config: PPOConfig, peak_lr: float) -> optax.Schedule:
-    """Learning rate as a function of the optimiser step, constant within an iteration (TRL steps
-    its scheduler once per iteration): linear warmup, then linear decay to 0. Warmup iteration `i`
-    (0-based) uses `(i + 1) / warmup_iterations` of the peak; HF's linear warmup as TRL steps it
-    would start at 0, so a first iteration would not move the policy at all."""
-    steps_per_iteration = config.num_ppo_epochs * config.num_mini_batches
-    warmup = config.warmup_iterations
-    decay_iterations = max(config.total_iterations - warmup, 1)
-
-    def schedule(count: jax.Array) -> jax.Array:
-        it = (count // steps_per_iteration).astype(jnp.float32)
-        warm = (it + 1.0) / warmup if warmup else 1.0
-        decay = 1.0 - jnp.clip((it - warmup) / decay_iterations, 0.0, 1.0)
-        return peak_lr * jnp.where(it < warmup, warm, decay)
-
-    return schedule
-
-
-def learning_rate(config: PPOConfig, iteration: jax.Array) -> jax.Array:
-    """The policy learning rate used during `iteration` (0-based)."""
-    steps = config.num_ppo_epochs * config.num_mini_batches
-    return _schedule(config, config.learning_rate)(jnp.asarray(iteration) * steps)
-
-
-def make_optimizer(config: PPOConfig, peak_lr: float) -> optax.GradientTransformation:
-    """AdamW (optionally after global-norm clipping) on the PPO learning-rate schedule."""
-    adamw = optax.adamw(
-        _schedule(config, peak_lr), eps=config.adam_eps, weight_decay=config.weight_decay
-    )
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-
-
 def optimizers(config: PPOConfig) -> tuple[optax.GradientTransformation, ...]:
     """`(policy_optimizer, value_optimizer)`."""
     value_lr = config.value_learning_rate or config.learning_rate
-    return make_optimizer(config, config.learning_rate), make_optimizer(config, value_lr)
+    return config.optimizer(), config.optimizer(value_lr)
 
 
 def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -> PPOState:
@@ -588,6 +536,11 @@ def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),
+        penalty_beta=(
+            jnp.asarray(config.penalty_beta, jnp.float32)
+            if config.policy_loss == "penalty"
+            else None
+        ),
     )
 
 
@@ -616,6 +569,7 @@ def _loss(
     ptx: PtxBatch | None,
     config: PPOConfig,
     ppo_models: PPOModels,
+    penalty_beta: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     common = (mb.prompts, mb.prompt_mask, mb.responses, mb.mask)
     # One trunk pass feeds both heads when the value head shares the policy trunk.
@@ -633,16 +587,26 @@ def _loss(
     if config.entropy_coef == 0:
         # Only a metric then: no backward pass through the [B, T, V] entropy computation.
         entropy = jax.lax.stop_gradient(entropy)
-    pg_loss, pg_aux = ppo_policy_loss(
-        logprobs,
-        mb.old_logprobs,
-        mb.advantages,
-        mb.mask,
-        clip_eps=config.cliprange,
-        clip_eps_high=config.cliprange_high,
-        dual_clip=config.dual_clip,
-        aggregation=config.loss_aggregation,
-    )
+    if config.policy_loss == "penalty":
+        pg_loss, pg_aux = ppo_penalty_loss(
+            logprobs,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.mask,
+            beta=penalty_beta,
+            aggregation=config.loss_aggregation,
+        )
+    else:
+        pg_loss, pg_aux = ppo_policy_loss(
+            logprobs,
+            mb.old_logprobs,
+            mb.advantages,
+            mb.mask,
+            clip_eps=config.cliprange,
+            clip_eps_high=config.cliprange_high,
+            dual_clip=config.dual_clip,
+            aggregation=config.loss_aggregation,
+        )
     if ppo_models.shared_value_head:
         values = _values_from_hidden(value_params, ppo_models.value_head, hidden, mb.value_mask)
     else:
@@ -664,6 +628,8 @@ def _loss(
         "val/ratio_var": pg_aux["ratio_var"],
         "val/ratio_max": pg_aux["ratio_max"],
     }
+    if "penalty_kl" in pg_aux:
+        aux["policy/penalty_kl"] = pg_aux["penalty_kl"]
     if ptx is not None and config.ptx_coef > 0:
         ptx_loss = _ptx_loss(policy_params, ppo_models.policy, ptx)
         loss = loss + config.ptx_coef * ptx_loss
@@ -687,11 +653,7 @@ def update(
     keep their values) and counted in the `nonfinite/*` metrics so the caller can stop the run.
     """
     policy_tx, value_tx = optimizers(config)
-    n_mb, n_acc, micro = (
-        config.num_mini_batches,
-        config.gradient_accumulation_steps,
-        config.micro_batch_size,
-    )
+    n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True)
     if ptx is not None:
         n = ptx.tokens.shape[0]
@@ -707,7 +669,13 @@ def update(
             idx_U, ptx_micro = micro_inputs
             mb = jax.tree.map(lambda x: x[idx_U], exp)
             (loss, aux), grads = grad_fn(
-                state.policy_params, state.value_params, mb, ptx_micro, config, ppo_models
+                state.policy_params,
+                state.value_params,
+                mb,
+                ptx_micro,
+                config,
+                ppo_models,
+                state.penalty_beta,
             )
             return grads, {**aux, "loss/total": loss}
 
@@ -731,20 +699,17 @@ def update(
         aux["grad_norm/policy"], aux["grad_norm/value"] = policy_norm, value_norm
         return state, aux
 
-    def epoch_step(state: PPOState, epoch_key: jax.Array):
-        perm = jax.random.permutation(epoch_key, config.batch_size)
-        return jax.lax.scan(minibatch_step, state, (perm.reshape(n_mb, n_acc, micro), ptx))
-
-    state, aux = jax.lax.scan(epoch_step, state, jax.random.split(key, config.num_ppo_epochs))
-    metrics = {k: jnp.mean(v) for k, v in aux.items() if not k.startswith("nonfinite")}
-    metrics["nonfinite/updates"] = jnp.sum(aux["nonfinite/updates"])
-    metrics["val/ratio_var"] = jnp.var(aux["val/ratio"])  # TRL: variance across minibatches
-    metrics["val/ratio_mean_var"] = jnp.mean(aux["val/ratio_var"])
-    # The first minibatch of the first epoch sees the rollout policy: ratio 1, approx KL 0 up to
-    # the numeric gap between sampling and the training forward (the mixed-precision health check).
-    metrics["policy/first_ratio_std"] = jnp.sqrt(aux["val/ratio_var"][0, 0])
-    metrics["policy/first_approxkl"] = aux["policy/approxkl_avg"][0, 0]
-    return state, metrics
+    state, aux = scan_epochs(
+        minibatch_step,
+        state,
+        key,
+        epochs=config.num_ppo_epochs,
+        batch_size=config.batch_size,
+        num_mini_batches=n_mb,
+        gradient_accumulation_steps=n_acc,
+        per_minibatch=ptx,
+    )
+    return state, summarize_update(aux)
 
 
 # --------------------------------------------------------------------------------- iteration
@@ -761,9 +726,16 @@ def finish_iteration(
     ptx: PtxBatch | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """Update on `exp`, then advance the KL controller, iteration and episode counters."""
-    lr = learning_rate(config, state.iteration)
+    lr = config.learning_rate_at(state.iteration)
     state, update_metrics = update(state, exp, key, config=config, ppo_models=ppo_models, ptx=ptx)
     kl = config.kl_controller().update(state.kl, exp_metrics["objective/kl"], config.batch_size)
+    if state.penalty_beta is not None:
+        update_metrics["policy/penalty_beta"] = state.penalty_beta  # the beta this update used
+        state = state.replace(
+            penalty_beta=adapt_penalty_beta(
+                state.penalty_beta, update_metrics["policy/penalty_kl"], config.penalty_kl_target
+            )
+        )
     state = state.replace(
         kl=kl, iteration=state.iteration + 1, episode=state.episode + config.batch_size
     )
@@ -820,7 +792,6 @@ def jit_ppo_iteration(
     and the batch with `sharding.place_batch` (in a multi-process run each process passes its
     own rows).
     """
-    from rlhf_jax import sharding as sh
 
     def fn(state, frozen, prompts_BP, prompt_mask_BP, key, ptx=None):
         return ppo_iteration(
@@ -897,16 +868,15 @@ def ppo_shardings(
     rules: tuple[tuple[str, Any], ...] | None = None,
 ) -> PPOShardings:
     """The shardings `jit_ppo_iteration` uses on `mesh` (shapes only; nothing is computed)."""
-    from rlhf_jax import sharding as sh
 
     def abstract_params(model_config: models.ModelConfig) -> Params:
         return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
 
-    policy = sh.param_shardings(ppo_models.policy, mesh, rules)
-    value = sh.param_shardings(ppo_models.value_head, mesh, rules)
+    policy = models.param_shardings(ppo_models.policy, mesh, rules)
+    value = models.param_shardings(ppo_models.value_head, mesh, rules)
     if ppo_models.shared_value_head:
         value = {"score": value["score"]}
-    reward = sh.param_shardings(ppo_models.reward, mesh, rules)
+    reward = models.param_shardings(ppo_models.reward, mesh, rules)
     abstract = jax.eval_shape(
         lambda p, v: init_state(p, v, config),
         abstract_params(ppo_models.policy),
@@ -921,6 +891,7 @@ def ppo_shardings(
         kl=jax.tree.map(lambda _: rep, abstract.kl),
         iteration=rep,
         episode=rep,
+        penalty_beta=None if abstract.penalty_beta is None else rep,
     )
     return PPOShardings(
         state=state,
@@ -948,7 +919,6 @@ def jit_init_state(
     params are expected (and the state is born) with the shardings of `ppo_shardings`, so the
     optimiser moments never exist unsharded. The inputs are not donated (the policy params are
     usually also the frozen reference)."""
-    from rlhf_jax import sharding as sh
 
     def fn(policy_params, value_params):
         return init_state(policy_params, value_params, config)

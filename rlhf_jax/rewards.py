@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from rlhf_jax._checks import check_same_shape
+from rlhf_jax.checks import check_same_shape
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 SCORE_POSITIONS = ("last_token", "after_last_token")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from rlhf_jax import models
+from rlhf_jax import sharding as sh
 from rlhf_jax.logprobs import selective_log_softmax
 from rlhf_jax.models.model import Params
 from rlhf_jax.ops import INVALID_LOGPROB, response_mask, truncate_after_stop
@@ -22,7 +24,7 @@ class SamplingConfig:
     """How to sample; frozen and hashable, passed to `generate` as a static argument.
 
     Attributes:
-      max_new_tokens: response length T (the scan always runs T steps).
+      max_new_tokens: response length T (at most T decode steps run; see `exit_early`).
       temperature: logits are divided by it before sampling; returned log-probs use the same
         temperature-scaled distribution (the one the PPO ratio uses).
       top_k: keep the k most likely tokens (0: off).
@@ -34,6 +36,10 @@ class SamplingConfig:
       stop_early: True: rows stop at their stop token (mask 0 afterwards). False: rows keep
         sampling to T tokens and are truncated afterwards (TRL's `early_stopping=False`; the tokens
         and mask are identical in distribution, only the random stream differs).
+      exit_early: decoding ends once every row of the (global) batch has stopped: the remaining
+        steps could only emit padding, so the samples are the same, bit for bit, as running all
+        T steps (transformers' `generate` stops the same way). Needs `stop_early` and stop
+        tokens; False always runs T steps. `Generation.decode_steps` counts the steps run.
       decode_chunks: the decode steps run as this many consecutive scans, each over a KV cache
         only as long as the slots written by its end (the cache grows between chunks), so early
         steps do not read the empty tail of the cache. Identical samples; each chunk is compiled
@@ -51,6 +57,7 @@ class SamplingConfig:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     stop_early: bool = True
+    exit_early: bool = True
     decode_chunks: int | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +90,9 @@ class Generation(NamedTuple):
       mask: bool `[B, T]`, True on real response tokens (the stop token included).
       sequence_lengths: int32 `[B]`, index of the last real response token.
       stopped: bool `[B]`, whether the row produced a stop token.
+      decode_steps: int32 scalar, the tokens per row actually computed (prefill's included):
+        `max_new_tokens` unless decoding exited early (`SamplingConfig.exit_early`); None in
+        generations built by hand.
     """
 
     tokens: jax.Array
@@ -90,6 +100,7 @@ class Generation(NamedTuple):
     mask: jax.Array
     sequence_lengths: jax.Array
     stopped: jax.Array
+    decode_steps: jax.Array | None = None
 
 
 def filter_logits(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -280,11 +291,18 @@ def generate(
     token0_B, logprob0_B, real0_B, done0_B = emit(keys[0], logits_BV, jnp.zeros((batch,), bool))
     carry = (cache, token0_B, real0_B, done0_B)
     tokens, logprobs = [token0_B[:, None]], [logprob0_B[:, None]]
+    exit_early = config.exit_early and config.stop_early and bool(config.stop_token_ids)
+    decode_steps = jnp.int32(1)
     for start, stop in _chunk_ranges(config):
         # The chunk writes slots up to prompt_len + stop - 2 (see prefill_cache_length).
         carry = (_grow_cache(carry[0], prompt_len + stop - 1),) + carry[1:]
         steps = (keys[start:stop], jnp.arange(start, stop, dtype=jnp.int32))
-        carry, (tokens_TB, logprobs_TB) = jax.lax.scan(step, carry, steps)
+        if exit_early:
+            carry, (tokens_TB, logprobs_TB), ran = _scan_until_done(step, carry, steps, pad)
+        else:
+            carry, (tokens_TB, logprobs_TB) = jax.lax.scan(step, carry, steps)
+            ran = jnp.int32(stop - start)
+        decode_steps = decode_steps + ran
         tokens.append(tokens_TB.T)
         logprobs.append(logprobs_TB.T)
     tokens_BT = jnp.concatenate(tokens, axis=1)
@@ -294,7 +312,35 @@ def generate(
     mask_BT = response_mask(lengths_B, length)
     logprobs_BT = jnp.where(mask_BT, logprobs_BT, INVALID_LOGPROB)
     is_stop_BT = jnp.any(tokens_BT[..., None] == stops, axis=-1) & mask_BT
-    return Generation(tokens_BT, logprobs_BT, mask_BT, lengths_B, jnp.any(is_stop_BT, axis=-1))
+    stopped_B = jnp.any(is_stop_BT, axis=-1)
+    return Generation(tokens_BT, logprobs_BT, mask_BT, lengths_B, stopped_B, decode_steps)
+
+
+def _scan_until_done(step, carry, steps, pad):
+    """`lax.scan(step, carry, steps)` that stops once every row is done (`carry[3]` all True):
+    the steps not run emit what they would have, pad tokens with `INVALID_LOGPROB`. A
+    `lax.while_loop` writing each step's outputs into `[T, B]` buffers; the "all done" test is a
+    reduction over the global batch, so every device and process runs the same number of steps.
+    Returns `(carry, (tokens_TB, logprobs_TB), steps_run)`."""
+    keys_T, t_T = steps
+    n, batch = t_T.shape[0], carry[1].shape[0]
+    tokens_TB = jnp.full((n, batch), pad, carry[1].dtype)
+    logprobs_TB = jnp.full((n, batch), INVALID_LOGPROB, jnp.float32)
+
+    def cond(state):
+        i, carry, _, _ = state
+        return (i < n) & jnp.logical_not(jnp.all(carry[3]))
+
+    def body(state):
+        i, carry, tokens_TB, logprobs_TB = state
+        carry, (token_B, logprob_B) = step(carry, (keys_T[i], t_T[i]))
+        tokens_TB = jax.lax.dynamic_update_index_in_dim(tokens_TB, token_B, i, 0)
+        logprobs_TB = jax.lax.dynamic_update_index_in_dim(logprobs_TB, logprob_B, i, 0)
+        return i + 1, carry, tokens_TB, logprobs_TB
+
+    state = (jnp.int32(0), carry, tokens_TB, logprobs_TB)
+    ran, carry, tokens_TB, logprobs_TB = jax.lax.while_loop(cond, body, state)
+    return carry, (tokens_TB, logprobs_TB), ran
 
 
 # XLA:CPU (jaxlib 0.10) hands matmuls and reductions to YNNPACK by default. Decoding multiplies a
@@ -327,3 +373,64 @@ def decode_compiler_options(backend: str | None = None) -> dict[str, Any]:
     if (backend or jax.default_backend()) != "cpu":
         return {}
     return dict(_accepted_cpu_decode_options())
+
+
+def generation_shardings(mesh: jax.sharding.Mesh) -> Generation:
+    """Shardings of a :class:`~rlhf_jax.sampling.Generation`: every field split over the batch
+    (`decode_steps` replicated)."""
+    return Generation(
+        decode_steps=sh.replicated(mesh),
+        tokens=sh.batch_sharding(mesh, 2),
+        logprobs=sh.batch_sharding(mesh, 2),
+        mask=sh.batch_sharding(mesh, 2),
+        sequence_lengths=sh.batch_sharding(mesh, 1),
+        stopped=sh.batch_sharding(mesh, 1),
+    )
+
+
+def jit_generate(
+    model_config: models.ModelConfig,
+    sampling_config: SamplingConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sh.Rules | None = None,
+    *,
+    compiler_options: dict[str, Any] | None = None,
+) -> Callable[..., Generation]:
+    """Jitted :func:`rlhf_jax.generate`: ``fn(params, prompts_BP, prompt_mask_BP, key)``.
+
+    Prompts are left-padded int ``[B, P]`` with a 1/True mask on real tokens; ``key`` a PRNG
+    key. Returns a :class:`~rlhf_jax.sampling.Generation`. With a ``mesh``: params with
+    :func:`rlhf_jax.models.param_shardings`, prompts/mask batch-sharded over
+    ``("data", "fsdp")`` (``B`` divisible by ``data * fsdp``; use
+    :func:`rlhf_jax.sharding.place_batch`), the key replicated; every output is batch-sharded
+    and the KV cache follows the models' logical constraints. Sampled tokens do
+    not depend on the mesh (partitionable threefry), up to float rounding of the logits.
+
+    Compiled with :func:`decode_compiler_options` for the devices' backend
+    (on CPU, XLA's own matmul kernels, faster at decode's few rows; nothing on GPU/TPU);
+    ``compiler_options`` replaces them (``{}``: XLA's defaults).
+    """
+    if compiler_options is None:
+        backend = mesh.devices.flat[0].platform if mesh is not None else None
+        compiler_options = decode_compiler_options(backend)
+    options = {"compiler_options": compiler_options or None}
+
+    def gen(params: Any, prompts_BP: Any, prompt_mask_BP: Any, key: jax.Array) -> Generation:
+        return generate(params, model_config, prompts_BP, prompt_mask_BP, key, sampling_config)
+
+    if mesh is None:
+        return sh.jit_with_rules(gen, None, rules, **options)
+    batch = sh.batch_sharding(mesh, 2)
+    return sh.jit_with_rules(
+        gen,
+        mesh,
+        rules,
+        in_shardings=(
+            models.param_shardings(model_config, mesh, rules),
+            batch,
+            batch,
+            sh.replicated(mesh),
+        ),
+        out_shardings=generation_shardings(mesh),
+        **options,
+    )

@@ -18,6 +18,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax.logprobs import logprobs_from_hidden
 from rlhf_jax.ops import masked_mean
+from rlhf_jax.optim import Decay, adamw, check_schedule, lr_schedule
 from rlhf_jax.sampling import prompt_positions
 
 Params = Any
@@ -29,8 +30,10 @@ class TrainConfig:
 
     Attributes:
       learning_rate: peak AdamW learning rate.
-      total_steps: optimiser steps; the rate decays linearly to 0 over them after warmup.
-      warmup_steps: linear warmup from 0.
+      total_steps: optimiser steps; the rate decays to its floor over them after warmup.
+      warmup_steps: linear warmup; step `s < warmup_steps` uses `(s + 1) / warmup_steps` of the
+        peak (see `optim.lr_schedule`).
+      lr_decay, min_lr_ratio: "linear" or "cosine" decay, to `min_lr_ratio` of the peak.
       weight_decay, adam_eps: AdamW settings.
       max_grad_norm: global-norm clipping (None: off).
       gradient_accumulation_steps: micro-batches averaged per optimiser step (the batch's leading
@@ -40,6 +43,8 @@ class TrainConfig:
     learning_rate: float = 1e-4
     total_steps: int = 1000
     warmup_steps: int = 0
+    lr_decay: Decay = "linear"
+    min_lr_ratio: float = 0.0
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
@@ -51,20 +56,22 @@ class TrainConfig:
                 "total_steps and gradient_accumulation_steps must be >= 1 and warmup_steps >= 0, "
                 f"got {self.total_steps}, {self.gradient_accumulation_steps}, {self.warmup_steps}"
             )
+        check_schedule(self.lr_decay, self.min_lr_ratio)
 
     def optimizer(self) -> optax.GradientTransformation:
-        decay = optax.linear_schedule(
-            self.learning_rate, 0.0, max(self.total_steps - self.warmup_steps, 1)
+        schedule = lr_schedule(
+            self.learning_rate,
+            total=self.total_steps,
+            warmup=self.warmup_steps,
+            decay=self.lr_decay,
+            min_lr_ratio=self.min_lr_ratio,
         )
-        if self.warmup_steps:
-            warm = optax.linear_schedule(0.0, self.learning_rate, self.warmup_steps)
-            lr = optax.join_schedules([warm, decay], [self.warmup_steps])
-        else:
-            lr = decay
-        adamw = optax.adamw(lr, eps=self.adam_eps, weight_decay=self.weight_decay)
-        if self.max_grad_norm is None:
-            return adamw
-        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), adamw)
+        return adamw(
+            schedule,
+            weight_decay=self.weight_decay,
+            eps=self.adam_eps,
+            max_grad_norm=self.max_grad_norm,
+        )
 
 
 class TrainState(flax.struct.PyTreeNode):

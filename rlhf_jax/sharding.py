@@ -9,7 +9,9 @@ Models annotate parameters and activations with *logical* axis names ("embed", "
   ``embed`` dimension (ZeRO-3 / FSDP style; XLA inserts the all-gathers);
 - ``tensor``: Megatron-style tensor parallelism over heads, MLP hidden units and vocabulary.
 
-Everything here is a plain function over pytrees. The typical flow is::
+Everything here is a plain function over pytrees and depends on jax and flax only; the
+model-specific entry points (parameter shardings, sharded init and loading, jitted forward) are in
+`rlhf_jax.models.sharded`, the jitted sampler in `rlhf_jax.sampling`. The typical flow is::
 
     mesh = make_mesh(MeshConfig(data=-1, fsdp=2))
     params = sharded_init(model.init, None, mesh, DEFAULT_RULES, key, tokens_BT)
@@ -31,7 +33,6 @@ import inspect
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -40,15 +41,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rlhf_jax import models
-from rlhf_jax.sampling import (
-    Generation,
-    SamplingConfig,
-    decode_compiler_options,
-    generate,
-    prompt_positions,
-)
-
 __all__ = [
     "AXIS_NAMES",
     "BATCH_AXES",
@@ -56,27 +48,22 @@ __all__ = [
     "MeshConfig",
     "MeshJit",
     "Rules",
+    "batch_axes",
     "batch_sharding",
-    "generation_shardings",
     "initialize_distributed",
     "is_main_process",
-    "jit_forward",
-    "jit_generate",
     "jit_with_rules",
-    "load_sharded",
     "local_batch_slice",
     "logical_to_mesh_spec",
     "logical_to_sharding",
     "make_mesh",
     "make_rules",
     "optimizer_state_shardings",
-    "param_shardings",
     "place_batch",
     "place_replicated",
     "replicated",
     "shard_params",
     "sharded_init",
-    "sharded_init_params",
     "with_rules",
 ]
 
@@ -392,7 +379,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def _batch_axes(mesh: Mesh) -> tuple[str, ...]:
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes that split a batch's leading dimension (`BATCH_AXES` present in `mesh`)."""
     return tuple(a for a in BATCH_AXES if a in mesh.shape)
 
 
@@ -403,7 +391,7 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
         raise ValueError(f"ndim must be >= 0, got {ndim}")
     if ndim == 0:
         return replicated(mesh)
-    return NamedSharding(mesh, PartitionSpec(_batch_axes(mesh), *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def local_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
@@ -413,7 +401,7 @@ def local_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
     ``make_mesh`` lays processes out along the batch axes). Single process: ``slice(0, B)``.
     A data loader reads exactly these rows of each global batch on this process.
     """
-    n_shards = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    n_shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
     if global_batch_size < 1 or global_batch_size % n_shards:
         raise ValueError(
             f"global batch size {global_batch_size} is not a positive multiple of "
@@ -442,7 +430,7 @@ def place_batch(batch: Any, mesh: Mesh) -> Any:
     replicated (and must agree across processes). The leading dimension of the global batch
     must be divisible by ``data * fsdp``.
     """
-    n_shards = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
+    n_shards = math.prod(mesh.shape[a] for a in batch_axes(mesh))
     multi = jax.process_count() > 1
 
     def place(x: Any) -> jax.Array:
@@ -618,168 +606,6 @@ def jit_with_rules(
             raise ValueError("jit_with_rules: rules were given without a mesh; pass mesh= too")
         return jax.jit(fn, **jit_kwargs)
     return MeshJit(fn, mesh, rules, **jit_kwargs)
-
-
-# --------------------------------------------------------------------------------------------
-# Models: parameter shardings, sharded init and loading, jitted forward and generate
-# --------------------------------------------------------------------------------------------
-
-
-def _abstract_params(config: models.ModelConfig) -> Any:
-    return jax.eval_shape(functools.partial(models.init_params, config), jax.random.key(0))
-
-
-def param_shardings(
-    config: models.ModelConfig, mesh: Mesh, rules: Rules | None = None
-) -> dict[str, Any]:
-    """``NamedSharding`` for every parameter of a model with ``config`` (a params-shaped tree).
-
-    Each parameter's logical axes (:func:`rlhf_jax.models.logical_axes`, e.g. the q kernel
-    ``("layers", "embed", "heads", "head_dim")``) are translated by ``rules`` with the
-    replicate-on-non-divisible fallback of :func:`logical_to_mesh_spec`. No computation: only
-    shapes are evaluated.
-    """
-    return logical_to_sharding(models.logical_axes(config), _abstract_params(config), mesh, rules)
-
-
-def sharded_init_params(
-    config: models.ModelConfig, key: jax.Array, mesh: Mesh, rules: Rules | None = None
-) -> dict[str, Any]:
-    """:func:`rlhf_jax.models.init_params` with every parameter born sharded on ``mesh`` (no
-    device ever holds a whole tensor). Same values as the unsharded init for the same ``key``
-    (partitionable threefry). In a multi-process run every process calls it with the same key.
-    """
-    return sharded_init(
-        functools.partial(models.init_params, config), models.logical_axes(config), mesh, rules, key
-    )
-
-
-def load_sharded(
-    path: str | Path,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    *,
-    dtype: str | None = None,
-    allow_pickle: bool = False,
-) -> tuple[dict[str, Any], models.ModelConfig]:
-    """Load a local HF checkpoint directory straight onto ``mesh``, shard by shard.
-
-    Like :func:`rlhf_jax.models.load` (same ``dtype`` / ``allow_pickle`` semantics, never
-    downloads), but the converted host (NumPy) params go through :func:`shard_params`: each
-    device receives only its slice, so no device holds the whole model. The host still holds
-    one converted copy per process. In a multi-process run every process calls it with the same
-    ``path`` (a shared or replicated file system). Returns ``(params, config)``.
-    """
-    import transformers
-
-    from rlhf_jax.models import hf
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise ValueError(f"{path} is not an HF checkpoint directory (no config.json)")
-    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    config = hf.config_from_hf(hf_config)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    host = hf.hf_to_params(hf.read_weights(path, allow_pickle), config)
-    return shard_params(host, models.logical_axes(config), mesh, rules), config
-
-
-def _out_spec(logical: tuple[str | None, ...], dims: tuple[int, ...], mesh: Mesh, rules) -> Any:
-    """Mesh spec of an output whose batch dimension (``-1`` in ``dims``) is assumed divisible
-    by ``data * fsdp`` (the inputs' batch sharding already requires it)."""
-    n_batch = math.prod(mesh.shape[a] for a in _batch_axes(mesh))
-    shape = tuple(n_batch if d == -1 else d for d in dims)
-    return NamedSharding(mesh, logical_to_mesh_spec(PartitionSpec(*logical), shape, mesh, rules))
-
-
-def jit_forward(
-    config: models.ModelConfig, mesh: Mesh | None = None, rules: Rules | None = None
-) -> Callable[..., jax.Array]:
-    """Jitted full forward pass to the model's head: ``fn(params, tokens_BT, mask_BT)``.
-
-    ``tokens_BT`` int, ``mask_BT`` 1 on real tokens (left or right padding; positions are the
-    exclusive cumsum of the mask). Returns float ``[B, T, V]`` LM logits for ``head="lm"`` or
-    ``[B, T, num_labels]`` scores for ``head="score"``, in the compute dtype; pad positions are
-    finite but meaningless. With a ``mesh``: params are expected with :func:`param_shardings`,
-    tokens/mask batch-sharded (``B`` divisible by ``data * fsdp``), and the output is sharded
-    over the batch (and the vocabulary over ``tensor`` where it divides).
-    """
-
-    def forward(params: Any, tokens_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-        mask_BT = jnp.asarray(mask_BT, bool)
-        hidden, _ = models.forward(params, config, tokens_BT, prompt_positions(mask_BT), mask_BT)
-        if config.head == "score":
-            return models.score(params, config, hidden)
-        return models.lm_logits(params, config, hidden)
-
-    if mesh is None:
-        return jit_with_rules(forward, None, rules)
-    batch = batch_sharding(mesh, 2)
-    if config.head == "score":
-        out = _out_spec(("batch",), (-1, 1, config.num_labels), mesh, rules)
-    else:
-        out = _out_spec(("batch", "length", "act_vocab"), (-1, 1, config.vocab_size), mesh, rules)
-    return jit_with_rules(
-        forward,
-        mesh,
-        rules,
-        in_shardings=(param_shardings(config, mesh, rules), batch, batch),
-        out_shardings=out,
-    )
-
-
-def generation_shardings(mesh: Mesh) -> Generation:
-    """Shardings of a :class:`~rlhf_jax.sampling.Generation`: every field split over the batch."""
-    return Generation(
-        tokens=batch_sharding(mesh, 2),
-        logprobs=batch_sharding(mesh, 2),
-        mask=batch_sharding(mesh, 2),
-        sequence_lengths=batch_sharding(mesh, 1),
-        stopped=batch_sharding(mesh, 1),
-    )
-
-
-def jit_generate(
-    model_config: models.ModelConfig,
-    sampling_config: SamplingConfig,
-    mesh: Mesh | None = None,
-    rules: Rules | None = None,
-    *,
-    compiler_options: dict[str, Any] | None = None,
-) -> Callable[..., Generation]:
-    """Jitted :func:`rlhf_jax.generate`: ``fn(params, prompts_BP, prompt_mask_BP, key)``.
-
-    Prompts are left-padded int ``[B, P]`` with a 1/True mask on real tokens; ``key`` a PRNG
-    key. Returns a :class:`~rlhf_jax.sampling.Generation`. With a ``mesh``: params with
-    :func:`param_shardings`, prompts/mask batch-sharded over ``("data", "fsdp")`` (``B``
-    divisible by ``data * fsdp``; use :func:`place_batch`), the key replicated; every output is
-    batch-sharded and the KV cache follows the models' logical constraints. Sampled tokens do
-    not depend on the mesh (partitionable threefry), up to float rounding of the logits.
-
-    Compiled with :func:`rlhf_jax.sampling.decode_compiler_options` for the devices' backend
-    (on CPU, XLA's own matmul kernels, faster at decode's few rows; nothing on GPU/TPU);
-    ``compiler_options`` replaces them (``{}``: XLA's defaults).
-    """
-    if compiler_options is None:
-        backend = mesh.devices.flat[0].platform if mesh is not None else None
-        compiler_options = decode_compiler_options(backend)
-    options = {"compiler_options": compiler_options or None}
-
-    def gen(params: Any, prompts_BP: Any, prompt_mask_BP: Any, key: jax.Array) -> Generation:
-        return generate(params, model_config, prompts_BP, prompt_mask_BP, key, sampling_config)
-
-    if mesh is None:
-        return jit_with_rules(gen, None, rules, **options)
-    batch = batch_sharding(mesh, 2)
-    return jit_with_rules(
-        gen,
-        mesh,
-        rules,
-        in_shardings=(param_shardings(model_config, mesh, rules), batch, batch, replicated(mesh)),
-        out_shardings=generation_shardings(mesh),
-        **options,
-    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from rlhf_jax import config as cfg
 from rlhf_jax import critic_free as cf
 from rlhf_jax import data, models, sharding
 from rlhf_jax import reward_functions as rf
-from rlhf_jax._host import release_host_memory
+from rlhf_jax.host import release_host_memory
 from rlhf_jax.logging import METRICS_FILE, IterationClock, RunLogger, plot_run
 from rlhf_jax.ppo import check_finite
 from rlhf_jax.rewards import check_missing_stop_penalty

@@ -18,7 +18,7 @@ import numpy as np
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import data, models, sharding
-from rlhf_jax._host import release_host_memory
+from rlhf_jax.host import release_host_memory
 from rlhf_jax.logging import IterationClock, RunLogger
 from rlhf_jax.reward_model import (
     PreferenceBatch,

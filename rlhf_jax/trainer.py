@@ -35,9 +35,9 @@ import numpy as np
 
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
-from rlhf_jax import data, models, ppo, sharding
+from rlhf_jax import data, models, ppo, sampling, sharding
 from rlhf_jax import logging as run_logging
-from rlhf_jax._host import release_host_memory
+from rlhf_jax.host import release_host_memory
 from rlhf_jax.rewards import check_missing_stop_penalty
 from rlhf_jax.sampling import SamplingConfig
 
@@ -186,9 +186,7 @@ def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Param
 
 def load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
     """Weights of `path` in `config.param_dtype`, loaded shard by shard onto the mesh."""
-    params, _ = sharding.load_sharded(
-        path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle
-    )
+    params, _ = models.load_sharded(path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle)
     return params
 
 
@@ -721,18 +719,17 @@ def _sample_rows(
 
 
 def _items(state: ppo.PPOState, key_data: Any) -> dict[str, Any]:
-    return {
-        "policy": state.policy_params,
-        "value": state.value_params,
-        "train_state": {
-            "policy_opt_state": state.policy_opt_state,
-            "value_opt_state": state.value_opt_state,
-            "kl": state.kl,
-            "iteration": state.iteration,
-            "episode": state.episode,
-            "rng": key_data,
-        },
+    train_state = {
+        "policy_opt_state": state.policy_opt_state,
+        "value_opt_state": state.value_opt_state,
+        "kl": state.kl,
+        "iteration": state.iteration,
+        "episode": state.episode,
+        "rng": key_data,
     }
+    if state.penalty_beta is not None:  # PPO-Penalty's adapted coefficient
+        train_state["penalty_beta"] = state.penalty_beta
+    return {"policy": state.policy_params, "value": state.value_params, "train_state": train_state}
 
 
 def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iteration: int) -> None:
@@ -785,6 +782,7 @@ def _restore(setup: _Setup, programs: _Programs, key: jax.Array):
         kl=train_state["kl"],
         iteration=train_state["iteration"],
         episode=train_state["episode"],
+        penalty_beta=train_state.get("penalty_beta"),
     )
     restored_key = jax.random.wrap_key_data(train_state["rng"], impl=meta["rng_impl"])
     ptx_position = data.DataPosition(*meta.get("ptx_data_position", (0, 0)))
@@ -817,7 +815,7 @@ def load_policy(path: str | Path, *, dtype: str | None = None) -> tuple[Params, 
 
 
 # One compiled sampler per (model, sampling) config (with the CPU decode compiler options).
-_jit_generate = functools.cache(sharding.jit_generate)
+_jit_generate = functools.cache(sampling.jit_generate)
 
 
 def generate_completions(

@@ -176,13 +176,15 @@ def ppo_setup(mesh: Any, shared_value_head: bool = False) -> dict[str, Any]:
     reward model; a shared value head from a random (non-zero) kernel."""
     import jax
 
-    from rlhf_jax import ppo
+    from rlhf_jax import models, ppo
     from rlhf_jax import sharding as sh
 
     problem = ppo_problem(shared_value_head)
     config, ppo_models = problem["config"], problem["ppo_models"]
-    policy = sh.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
-    reward = ppo_scale_reward(sh.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh))
+    policy = models.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
+    reward = ppo_scale_reward(
+        models.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh)
+    )
     value = reward
     if shared_value_head:
         shape = (ppo_models.policy.hidden_size, 1)
@@ -272,12 +274,13 @@ def grpo_run(mesh: Any) -> dict[str, np.ndarray]:
     import jax.numpy as jnp
 
     from rlhf_jax import critic_free as cf
+    from rlhf_jax import models
     from rlhf_jax import sharding as sh
 
     problem = grpo_problem()
     config, cf_models = problem["config"], problem["cf_models"]
-    policy = sh.sharded_init_params(cf_models.policy, jax.random.key(0), mesh)
-    reward = ppo_scale_reward(sh.sharded_init_params(cf_models.reward, jax.random.key(1), mesh))
+    policy = models.sharded_init_params(cf_models.policy, jax.random.key(0), mesh)
+    reward = ppo_scale_reward(models.sharded_init_params(cf_models.reward, jax.random.key(1), mesh))
     shardings = cf.critic_free_shardings(config, cf_models, mesh)
     state = jax.jit(lambda p: cf.init_state(p, config), out_shardings=shardings.state)(policy)
     frozen = cf.CriticFreeFrozen(ref=policy, reward=reward)

@@ -18,6 +18,7 @@ from tolerances import EPS32, GRADIENT, MODEL, assert_f32_close
 import rlhf_jax as rj
 from rlhf_jax import models, ppo
 from rlhf_jax.models.hf import config_from_hf, hf_to_params, params_to_hf
+from rlhf_jax.sampling import SamplingConfig, generate
 
 STOP = 2
 TEMPERATURE = 0.7
@@ -507,3 +508,58 @@ def test_bad_config():
     with pytest.raises(ValueError, match="logprob_chunk_size=3 must divide"):
         ppo.PPOConfig(batch_size=4, response_length=8, logprob_chunk_size=3)
 
+
+def test_rollout_sampling_filters():
+    """PPO's rollout samples with top-k / top-p / min-p like the critic-free rollouts (the filters
+    themselves are tested in test_sampling.py): top_k=1 picks the greedy tokens, while the
+    log-probs stay those of the unfiltered, temperature-scaled distribution (what the ratio is
+    computed against)."""
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup()
+    for filters in (dict(top_p=0.5), dict(min_p=0.1), dict(top_k=1)):
+        cfg = dataclasses.replace(config, **filters)
+        assert cfg.sampling_config() == dataclasses.replace(config.sampling_config(), **filters)
+    with pytest.raises(ValueError, match="top_p"):
+        dataclasses.replace(config, top_p=0.0)
+    prompts, mask = jnp.asarray(prompts), jnp.asarray(mask)
+    greedy = generate(
+        state.policy_params,
+        TINY,
+        prompts,
+        mask,
+        jax.random.key(0),
+        SamplingConfig(max_new_tokens=8, greedy=True, stop_token_ids=(STOP,)),
+    )
+    roll = jax.jit(functools.partial(ppo.rollout, config=cfg, ppo_models=ppo_models))(
+        state, frozen, prompts, mask, jax.random.key(7)
+    )
+    gen = roll.generation
+    np.testing.assert_array_equal(gen.tokens, greedy.tokens)
+    unfiltered, _ = ppo.policy_logprobs(
+        state.policy_params, TINY, prompts, mask, gen.tokens, gen.mask, temperature=1.0
+    )
+    assert_f32_close(roll.old_logprobs, unfiltered, ulps=MODEL)
+
+
+def test_ppo_penalty_adapts_beta_toward_the_target_kl():
+    """PPO-Penalty (`policy_loss="penalty"`): no clip, and after each iteration beta is halved
+    or doubled from the update's KL estimate; the state carries beta only in this mode."""
+    assert tiny_setup()[2].penalty_beta is None
+    config, ppo_models, state, frozen, prompts, mask = tiny_setup(
+        policy_loss="penalty", penalty_beta=0.5, penalty_kl_target=1e-3
+    )
+    assert float(state.penalty_beta) == 0.5
+    step = jitted_iteration(config, ppo_models)
+    for i in range(2):
+        beta = float(state.penalty_beta)
+        state, metrics = step(state, frozen, prompts, mask, jax.random.key(i))
+        ppo.check_finite(metrics, i)
+        assert float(metrics["policy/penalty_beta"]) == beta
+        assert float(metrics["policy/clipfrac_avg"]) == 0.0
+        kl = float(metrics["policy/penalty_kl"])
+        assert kl > 0
+        want = beta / 2 if kl < 1e-3 / 1.5 else beta * 2 if kl > 1e-3 * 1.5 else beta
+        assert float(state.penalty_beta) == want
+    with pytest.raises(ValueError, match="policy_loss must be 'clip' or 'penalty'"):
+        dataclasses.replace(config, policy_loss="kl")
+    with pytest.raises(ValueError, match="penalty_beta"):
+        dataclasses.replace(config, penalty_beta=0.0)

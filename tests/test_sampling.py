@@ -336,3 +336,34 @@ def test_bad_config_and_inputs():
             jax.random.key(0),
             SamplingConfig(max_new_tokens=2),
         )
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+def test_decoding_exits_once_every_row_has_stopped(greedy):
+    """With stop tokens, decoding ends when the last row stops: the same tokens, log-probs, masks
+    and lengths as running every step (bit for bit: the steps not run would emit only padding),
+    in one scan or in chunks; `decode_steps` counts the steps run. Without a stop token, or with
+    `exit_early=False`, every step runs."""
+    _, params, config = llama()
+    tokens, mask = left_padded_prompts(batch=4)
+    base = dict(max_new_tokens=14, temperature=0.7, greedy=greedy, pad_token_id=PAD_ID)
+    free = jit_generate(params, config, tokens, mask, jax.random.key(4), SamplingConfig(**base))
+    assert int(free.decode_steps) == 14
+    # Every row's third token stops it (or an earlier one, where another row's stop id appears).
+    base["stop_token_ids"] = tuple(int(t) for t in np.asarray(free.tokens)[:, 2])
+    for chunks in (1, 3):
+        full, early = (
+            jit_generate(
+                params,
+                config,
+                tokens,
+                mask,
+                jax.random.key(4),
+                SamplingConfig(**base, decode_chunks=chunks, exit_early=exit_early),
+            )
+            for exit_early in (False, True)
+        )
+        assert bool(jnp.all(full.stopped)) and int(full.decode_steps) == 14
+        for name in ("tokens", "logprobs", "mask", "sequence_lengths", "stopped"):
+            np.testing.assert_array_equal(getattr(early, name), getattr(full, name), err_msg=name)
+        assert int(early.decode_steps) == int(jnp.max(full.sequence_lengths)) + 1 <= 3

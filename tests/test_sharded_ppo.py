@@ -6,6 +6,7 @@ Each mesh compiles each function once (module-level caches shared by the tests).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import models, ppo
+from rlhf_jax import models, ppo, sampling
 from rlhf_jax import sharding as sh
 from rlhf_jax.sampling import SamplingConfig
 
@@ -58,8 +59,8 @@ def reference():
     """Single-device results (plain `jax.jit`, no mesh)."""
     policy = models.init_params(POLICY, jax.random.key(0))
     reward = multihost_worker.ppo_scale_reward(models.init_params(REWARD, jax.random.key(1)))
-    logits = sh.jit_forward(POLICY)(policy, PROMPTS, PROMPT_MASK)
-    gen = sh.jit_generate(POLICY, GREEDY)(policy, PROMPTS, PROMPT_MASK, jax.random.key(3))
+    logits = models.jit_forward(POLICY)(policy, PROMPTS, PROMPT_MASK)
+    gen = sampling.jit_generate(POLICY, GREEDY)(policy, PROMPTS, PROMPT_MASK, jax.random.key(3))
     state0 = ppo.jit_init_state(CONFIG, PPO_MODELS)(policy, reward)
     state0_host = host(state0)
     iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS)
@@ -96,8 +97,8 @@ def mesh_run(name):
         state0 = jax.device_put(ref["state0"], shardings.state)
     born = {"policy": host(frozen.ref), "reward": host(frozen.reward), "state0": host(state0)}
     prompts, mask = sh.place_batch((PROMPTS, PROMPT_MASK), mesh)
-    logits = sh.jit_forward(POLICY, mesh)(frozen.ref, prompts, mask)
-    gen = sh.jit_generate(POLICY, GREEDY, mesh)(frozen.ref, prompts, mask, jax.random.key(3))
+    logits = models.jit_forward(POLICY, mesh)(frozen.ref, prompts, mask)
+    gen = sampling.jit_generate(POLICY, GREEDY, mesh)(frozen.ref, prompts, mask, jax.random.key(3))
     iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, mesh)
     state, metrics = iteration(state0, frozen, prompts, mask, multihost_worker.ppo_iteration_key(0))
     return {
@@ -222,6 +223,24 @@ def test_greedy_generate_matches_single_device(name):
     np.testing.assert_array_equal(np.asarray(gen.mask), ref.mask)
     np.testing.assert_array_equal(np.asarray(gen.sequence_lengths), ref.sequence_lengths)
     assert_f32_close(np.asarray(gen.logprobs), ref.logprobs, ulps=MODEL)
+
+
+def test_early_exit_decoding_on_a_mesh():
+    """Decoding stops when every row of the global batch has stopped (the test is a reduction
+    over all devices): the same tokens and step count as on one device."""
+    ref, run = reference(), mesh_run("2x2x2")
+    mesh = run["mesh"]
+    stops = tuple(int(t) for t in ref["gen"].tokens[:, 1])  # every row stops by its 2nd token
+    cfg = dataclasses.replace(GREEDY, stop_token_ids=stops)
+    key = jax.random.key(3)
+    want = sampling.jit_generate(POLICY, cfg)(ref["policy"], PROMPTS, PROMPT_MASK, key)
+    policy = jax.device_put(ref["policy"], run["shardings"].frozen.ref)
+    got = sampling.jit_generate(POLICY, cfg, mesh)(
+        policy, *sh.place_batch((PROMPTS, PROMPT_MASK), mesh), key
+    )
+    assert int(want.decode_steps) == int(got.decode_steps) <= 2 < GREEDY.max_new_tokens
+    np.testing.assert_array_equal(np.asarray(got.tokens), want.tokens)
+    np.testing.assert_array_equal(np.asarray(got.mask), want.mask)
 
 
 @pytest.mark.parametrize("name", MESH_PARAMS)

@@ -526,10 +526,10 @@ def test_load_sharded_matches_load(tmp_path, dtype):
 
     tiny_hf_model("llama", seed=3).save_pretrained(tmp_path)  # kv_heads=2, vocab 128
     mesh = sh.make_mesh(MESHES["1x2x4"])
-    params, config = sh.load_sharded(tmp_path, mesh, dtype=dtype)
+    params, config = models.load_sharded(tmp_path, mesh, dtype=dtype)
     want, want_config = models.load(tmp_path, dtype=dtype)
     assert config == want_config
-    shardings = sh.param_shardings(config, mesh)
+    shardings = models.param_shardings(config, mesh)
     for x, w, s in zip(
         jax.tree.leaves(params), jax.tree.leaves(want), jax.tree.leaves(shardings), strict=True
     ):
@@ -540,7 +540,7 @@ def test_load_sharded_matches_load(tmp_path, dtype):
     assert attn["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     assert attn["k"]["kernel"].sharding.spec == P(None, "fsdp")  # kv_heads=2 vs tensor=4
     with pytest.raises(ValueError, match="no config.json"):
-        sh.load_sharded(tmp_path / "missing", mesh)
+        models.load_sharded(tmp_path / "missing", mesh)
 
 
 def test_embedding_lookup_without_full_rematerialization(capfd):
@@ -567,7 +567,7 @@ def test_embedding_lookup_without_full_rematerialization(capfd):
     params = models.init_params(config, jax.random.key(0))
     want_loss, want_grads = jax.jit(jax.value_and_grad(loss))(params, tokens)
     capfd.readouterr()
-    sharded = sh.sharded_init_params(config, jax.random.key(0), mesh)
+    sharded = models.sharded_init_params(config, jax.random.key(0), mesh)
     with sh.with_rules(mesh):
         got_loss, got_grads = jax.jit(jax.value_and_grad(loss))(
             sharded, sh.place_batch(tokens, mesh)

@@ -1,4 +1,5 @@
-"""Decoder LMs (GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3), heads and HF checkpoint interop."""
+"""Decoder LMs (GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3, Gemma 2/3), heads and HF checkpoint
+interop."""
 
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.hf import (
@@ -21,6 +22,7 @@ from rlhf_jax.models.model import (
     sequence_scores,
     unstack_layers,
 )
+from rlhf_jax.models.sharded import jit_forward, load_sharded, param_shardings, sharded_init_params
 
 __all__ = [
     "KVCache",
@@ -31,13 +33,17 @@ __all__ = [
     "hf_to_params",
     "init_cache",
     "init_params",
+    "jit_forward",
     "lm_logits",
     "load",
+    "load_sharded",
     "logical_axes",
+    "param_shardings",
     "params_to_hf",
     "save",
     "score",
     "sequence_scores",
+    "sharded_init_params",
     "unstack_layers",
     "value_from_reward",
 ]
