@@ -107,6 +107,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (-1: the rest)")
     p.add_argument("--no-phases", action="store_true", help="time only the one-jit iteration")
+    p.add_argument(
+        "--uniform-policy",
+        action="store_true",
+        help="zero the final norm of policy and reference: tokens sampled uniformly, a row stops "
+        "with probability 1/(vocab+2) per step (the peer's early-stop workload; passed to it)",
+    )
     p.add_argument("--cost-analysis", action="store_true", help="print XLA's FLOP estimates")
     p.add_argument("--profile", default=None, help="write a jax.profiler trace to this dir")
     p.add_argument("--peer-python", default=None, help="python of a TRL 0.17 venv: run the peer")
@@ -260,6 +266,8 @@ def run_peer(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
         "--threads",
         str(args.peer_threads),
     ]
+    if args.uniform_policy:
+        cmd.append("--uniform-policy")
     if args.intermediate != 4 * args.hidden or args.heads != 4 or args.epochs != 4:
         raise SystemExit(
             "the peer script fixes intermediate = 4 x hidden, 4 heads and 4 epochs; "
@@ -326,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     init = jax.jit(models.init_params, static_argnums=0)
     policy = init(pm.policy, jax.random.key(0))
     reward = init(pm.reward, jax.random.key(1))
+    if args.uniform_policy:  # logits 0: uniform sampling, so rows stop early at random
+        policy["final_norm"]["scale"] = jnp.zeros_like(policy["final_norm"]["scale"])
     if multi:
         shardings = ppo.ppo_shardings(config, pm, mesh)
         policy = jax.device_put(policy, shardings.frozen.ref)
