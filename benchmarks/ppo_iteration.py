@@ -108,6 +108,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mesh", default="1,1,1", help="data,fsdp,tensor mesh sizes (-1: the rest)")
     p.add_argument("--no-phases", action="store_true", help="time only the one-jit iteration")
     p.add_argument(
+        "--buckets",
+        type=int,
+        default=None,
+        help="time the phased iteration the trainer runs (rollout, then scoring and update on "
+        "the smallest of this many response-length buckets) instead of the one-jit iteration",
+    )
+    p.add_argument(
         "--uniform-policy",
         action="store_true",
         help="zero the final norm of policy and reference: tokens sampled uniformly, a row stops "
@@ -288,6 +295,40 @@ def run_peer(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- timing
+
+
+def phased_iteration(n_buckets, config, pm, frozen, prompts, prompt_mask, state):
+    """The trainer's phased iteration with length buckets (see `rlhf_jax.trainer._programs`):
+    `step(state, key) -> (state, metrics)`, with the update compiled for every bucket up front (so
+    no timed iteration compiles). Returns `(step, state)`."""
+    config = dataclasses.replace(config, length_buckets=n_buckets)
+    rollout = jax.jit(functools.partial(ppo.rollout, config=config, ppo_models=pm))
+
+    def finish(state, roll, reward, key, *, width):
+        roll = ppo.slice_rollout(roll, width)
+        gen = roll.generation
+        scores = ppo.reward_scores(
+            reward, pm.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
+        )
+        exp, metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=config)
+        return ppo.finish_iteration(state, exp, metrics, key, config=config, ppo_models=pm)
+
+    finish = jax.jit(finish, static_argnames="width", donate_argnums=(0,))
+
+    def step(state, key):
+        rollout_key, update_key = jax.random.split(key)
+        roll = rollout(state, frozen, prompts, prompt_mask, rollout_key)
+        width = ppo.bucket_width(np.asarray(roll.generation.sequence_lengths), config)
+        state, metrics = finish(state, roll, frozen.reward, update_key, width=width)
+        return state, {**metrics, "perf/response_bucket": jnp.float32(width)}
+
+    start = time.perf_counter()
+    for width in ppo.response_buckets(config):
+        copy = jax.tree.map(jnp.copy, state)
+        roll = rollout(copy, frozen, prompts, prompt_mask, jax.random.key(0))
+        jax.block_until_ready(finish(copy, roll, frozen.reward, jax.random.key(0), width=width))
+    print(f"phased iteration: {n_buckets} buckets compiled in {time.perf_counter() - start:.1f}s")
+    return step, state
 
 
 def compile_timed(jitted, *args):
@@ -477,6 +518,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 jax.block_until_ready(fn(*fn_args))
                 times.setdefault(name, []).append(time.perf_counter() - start)
 
+    if args.buckets:
+        phased, state = phased_iteration(
+            args.buckets, config, pm, frozen, prompts, prompt_mask, state
+        )
+        compiled["iteration"] = lambda state, frozen, prompts, prompt_mask, key, ptx: phased(
+            state, key
+        )
+
     # one untimed warm-up call of everything (first runs allocate)
     state, _ = compiled["iteration"](state, frozen, prompts, prompt_mask, keys[0], None)
     if phases:
@@ -546,7 +595,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             + (med["ref_forward"] if config.recompute_old_logprobs else 0.0),
             None,
         )
-    row("ppo_iteration (1 jit)", total, flops["total"])
+    label = f"phased, {args.buckets} buckets" if args.buckets else "ppo_iteration (1 jit)"
+    row(label, total, None if args.buckets else flops["total"])
+    if args.buckets:
+        widths = [m["perf/response_bucket"] for m in metrics_log]
+        steps = [m["perf/decode_steps"] for m in metrics_log]
+        used = sorted(set(widths))
+        print(f"response buckets used {used}; median decode steps {common.median(steps)}")
     print(f"response tokens/s {tokens / total:.1f}; compile total {compile_total:.1f}s")
 
     first_ratio_std = common.median([m["policy/first_ratio_std"] for m in metrics_log])
@@ -563,8 +618,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops": flops,
         "hlo_flops": hlo_flops,
         "matmul_flops": matmul_rate,
-        "achieved_flops": flops["total"] / total,
-        "fraction_of_matmul": flops["total"] / total / matmul_rate,
+        "achieved_flops": None if args.buckets else flops["total"] / total,
+        "fraction_of_matmul": None if args.buckets else flops["total"] / total / matmul_rate,
         "response_tokens_per_s": tokens / total,
         "first_ratio_std": first_ratio_std,
         "first_approxkl": first_kl,

@@ -63,6 +63,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: AggregationMode = "token-mean",
+    norm_length: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate loss (Schulman et al. 2017), TRL semantics.
 
@@ -77,7 +78,8 @@ def ppo_policy_loss(
       mask: `[B, T]`, 1 on real response tokens.
       clip_eps, clip_eps_high: lower/upper clip ranges (`clip_eps_high` defaults to `clip_eps`).
       dual_clip: optional lower bound constant c > 1 for negative advantages.
-      aggregation: see `aggregate_loss`.
+      aggregation, norm_length: see `aggregate_loss` (`norm_length` keeps
+        "seq-mean-token-sum-norm" independent of how many padded columns `T` has).
     Returns:
       `(loss, aux)`; aux: `clipfrac` (fraction of tokens where the clipped term is active),
       `approx_kl` (0.5 * masked mean of the squared log-ratio), `ratio_mean`, `ratio_var`,
@@ -104,7 +106,7 @@ def ppo_policy_loss(
         bound = -adv * dual_clip
         dual_active = (adv < 0) & (per_token > bound)
         per_token = jnp.where(adv < 0, jnp.minimum(per_token, bound), per_token)
-    loss = aggregate_loss(per_token, mask, aggregation)
+    loss = aggregate_loss(per_token, mask, aggregation, norm_length=norm_length)
     ratio_mean = masked_mean(ratio, mask)
     aux = {
         "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
@@ -125,6 +127,7 @@ def ppo_penalty_loss(
     *,
     beta: ArrayLike,
     aggregation: AggregationMode = "token-mean",
+    norm_length: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's adaptive-KL-penalty surrogate (Schulman et al. 2017, section 4; "Secrets of RLHF").
 
@@ -136,7 +139,7 @@ def ppo_penalty_loss(
     Args:
       logprobs, old_logprobs, advantages, mask: as in `ppo_policy_loss` (`[B, T]`).
       beta: float scalar, the penalty coefficient (not differentiated).
-      aggregation: see `aggregate_loss`.
+      aggregation, norm_length: see `aggregate_loss`.
     Returns:
       `(loss, aux)`; aux as `ppo_policy_loss` (`clipfrac` and `dual_clipfrac` are 0) plus
       `penalty_kl`, the masked mean of the per-token KL estimate.
@@ -153,7 +156,7 @@ def ppo_penalty_loss(
     ratio = jnp.exp(log_ratio)
     kl = (ratio - 1.0) - log_ratio
     beta = jax.lax.stop_gradient(jnp.asarray(beta, jnp.float32))
-    loss = aggregate_loss(-adv * ratio + beta * kl, mask, aggregation)
+    loss = aggregate_loss(-adv * ratio + beta * kl, mask, aggregation, norm_length=norm_length)
     ratio_mean = masked_mean(ratio, mask)
     zero = jnp.zeros((), jnp.float32)
     aux = {

@@ -23,6 +23,7 @@ Where no row stops early the values agree; on padded batches TRL's are diluted b
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal, NamedTuple
 
 import flax.struct
@@ -91,6 +92,10 @@ class PPOConfig(RLConfig):
       loss_aggregation: how the policy loss reduces over tokens (see `aggregate_loss`).
       value_learning_rate: the value optimiser's peak learning rate (default: `learning_rate`).
       ptx_coef: weight of the PPO-ptx language-modelling loss on a pretraining batch.
+      length_buckets: the phased trainer trains on the smallest of this many static response
+        widths (`response_buckets`) that holds the batch's longest response, so the reward,
+        scoring and update passes cost what the real lengths need (1: always
+        `response_length`). The one-jit `ppo_iteration` always uses `response_length`.
     """
 
     batch_size: int
@@ -115,6 +120,7 @@ class PPOConfig(RLConfig):
     loss_aggregation: AggregationMode = "token-mean"
     value_learning_rate: float | None = None
     ptx_coef: float = 0.0
+    length_buckets: int = 4
 
     def __post_init__(self) -> None:
         per_update = self.num_mini_batches * self.gradient_accumulation_steps
@@ -124,8 +130,11 @@ class PPOConfig(RLConfig):
                 f"({self.num_mini_batches}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) = {per_update}; change one of them"
             )
-        if self.num_ppo_epochs < 1:
-            raise ValueError(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
+        if self.num_ppo_epochs < 1 or self.length_buckets < 1:
+            raise ValueError(
+                "num_ppo_epochs and length_buckets must be >= 1, got "
+                f"{self.num_ppo_epochs}, {self.length_buckets}"
+            )
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.policy_loss not in ("clip", "penalty"):
@@ -421,6 +430,49 @@ def rollout(
     return Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
 
 
+def response_buckets(config: PPOConfig) -> tuple[int, ...]:
+    """The static response widths of `config.length_buckets` (ascending, the last
+    `response_length`): near-equal steps, each rounded up to a multiple of
+    `logprob_chunk_size` when that is set."""
+    n, length = config.length_buckets, config.response_length
+    unit = config.logprob_chunk_size or 1
+    widths = {
+        min(length, math.ceil(math.ceil(k * length / n) / unit) * unit) for k in range(1, n + 1)
+    }
+    return tuple(sorted(widths))
+
+
+def bucket_width(sequence_lengths: Any, config: PPOConfig) -> int:
+    """The smallest of `response_buckets(config)` holding every response of a batch
+    (`sequence_lengths`: host ints, the index of each row's last real token); one column more
+    with `score_position="after_last_token"`, whose score sits after the last token."""
+    needed = int(max(sequence_lengths)) + 1 + (config.score_position == "after_last_token")
+    needed = min(needed, config.response_length)
+    return next(w for w in response_buckets(config) if w >= needed)
+
+
+def slice_rollout(roll: Rollout, width: int) -> Rollout:
+    """`roll` with its response columns cut to the first `width`. When every response fits
+    (`bucket_width`), only padding is cut (masks 0, `INVALID_LOGPROB`, values 0), and scoring,
+    `build_experience` and `update` on the result equal the full-width ones up to float
+    rounding: every statistic is a masked one, and the policy loss normalises by
+    `response_length`, not by the width."""
+    if width == roll.generation.tokens.shape[1]:
+        return roll
+    cut = lambda x: x[:, :width]
+    gen = roll.generation._replace(
+        tokens=cut(roll.generation.tokens),
+        logprobs=cut(roll.generation.logprobs),
+        mask=cut(roll.generation.mask),
+    )
+    return roll._replace(
+        generation=gen,
+        old_logprobs=cut(roll.old_logprobs),
+        ref_logprobs=cut(roll.ref_logprobs),
+        values=cut(roll.values),
+    )
+
+
 def build_experience(
     roll: Rollout, scores_B: jax.Array, kl_coef: jax.Array, *, config: PPOConfig
 ) -> tuple[Experience, dict[str, jax.Array]]:
@@ -595,6 +647,7 @@ def _loss(
             mb.mask,
             beta=penalty_beta,
             aggregation=config.loss_aggregation,
+            norm_length=config.response_length,
         )
     else:
         pg_loss, pg_aux = ppo_policy_loss(
@@ -606,6 +659,7 @@ def _loss(
             clip_eps_high=config.cliprange_high,
             dual_clip=config.dual_clip,
             aggregation=config.loss_aggregation,
+            norm_length=config.response_length,
         )
     if ppo_models.shared_value_head:
         values = _values_from_hidden(value_params, ppo_models.value_head, hidden, mb.value_mask)
@@ -755,7 +809,9 @@ def ppo_iteration(
     ptx: PtxBatch | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
     """One whole PPO iteration with a reward model: experience, then update. Pure; jit it with
-    `config` and `ppo_models` static (see `jit_ppo_iteration`)."""
+    `config` and `ppo_models` static (see `jit_ppo_iteration`). Scoring and the update run on all
+    `response_length` columns here (shapes are static inside one program); the trainer's phased
+    path cuts them to the batch's length bucket (`bucket_width`, `slice_rollout`)."""
     rollout_key, update_key = jax.random.split(key)
     exp, exp_metrics = make_experience(
         state,

@@ -209,9 +209,13 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
 
         rollout_key, update_key = split(key)
         roll = rollout(state, ref, prompts, mask, rollout_key)        # ppo.rollout
-        scores = score(reward, roll)  or  a host reward function       # ppo.reward_scores
-        state, metrics = finish(state, roll, scores, update_key)       # build_experience +
-                                                                       # finish_iteration
+        width = ppo.bucket_width(roll's sequence lengths)            # on the host
+        scores = score(reward, roll, width)  or  a host reward function  # ppo.reward_scores
+        state, metrics = finish(state, roll, scores, update_key, width=width)
+                                            # build_experience + finish_iteration
+
+    `score` and `finish` run on the response columns cut to `width` (`ppo.slice_rollout`; only
+    padding is cut), compiled once per length bucket they meet.
     """
     shardings = ppo.ppo_shardings(ppo_config, ppo_models, mesh)
     state_sh, rep = shardings.state, shardings.replicated
@@ -227,23 +231,29 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
         frozen = ppo.FrozenParams(ref=ref, reward=None)
         return ppo.rollout(state, frozen, prompts, mask, key, **kwargs)
 
-    def score(reward, roll):
-        gen = roll.generation
+    def score(reward, roll, width):
+        gen = ppo.slice_rollout(roll, width).generation
         return ppo.reward_scores(
             reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
         )
 
-    def finish(state, roll, scores, key, ptx=None):
+    def finish(state, roll, scores, key, ptx=None, *, width):
+        roll = ppo.slice_rollout(roll, width)
         exp, exp_metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=ppo_config)
-        return ppo.finish_iteration(state, exp, exp_metrics, key, ptx=ptx, **kwargs)
+        state, metrics = ppo.finish_iteration(state, exp, exp_metrics, key, ptx=ptx, **kwargs)
+        mask = roll.generation.mask
+        metrics["perf/padded_fraction"] = 1.0 - jnp.mean(mask.astype(jnp.float32))
+        return state, metrics
 
     return _Programs(
         state_sh,
         abstract,
         jax.jit(init_fn, out_shardings=state_sh),
         jax.jit(rollout),
-        jax.jit(score),
-        jax.jit(finish, out_shardings=(state_sh, rep), donate_argnums=(0,)),
+        jax.jit(score, static_argnames="width"),
+        jax.jit(
+            finish, out_shardings=(state_sh, rep), donate_argnums=(0,), static_argnames="width"
+        ),
     )
 
 
@@ -617,15 +627,18 @@ def _train(setup: _Setup) -> TrainResult:
                 rollout_key, update_key = jax.random.split(iteration_key)
                 with sharding.with_rules(mesh):
                     roll = programs.rollout(state, policy, prompts, mask, rollout_key)
+                    lengths = to_host(roll.generation.sequence_lengths)
+                    width = ppo.bucket_width(lengths, pc)
                     if reward is not None:
-                        scores, reward_metrics = programs.score(reward, roll), {}
+                        scores, reward_metrics = programs.score(reward, roll, width), {}
                     else:
                         scores, reward_metrics = _host_scores(setup, roll, rows, iteration + 1)
                         scores = sharding.place_batch(scores[local], mesh)
                     state, device_metrics = programs.finish(
-                        state, roll, scores, update_key, ptx_batch
+                        state, roll, scores, update_key, ptx_batch, width=width
                     )
                     metrics = {k: float(v) for k, v in to_host(device_metrics).items()}
+                    metrics["perf/response_bucket"] = float(width)
                 metrics.update(reward_metrics)
                 iteration += 1
                 if iteration == start + 1:  # the programs are compiled now
