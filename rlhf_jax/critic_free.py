@@ -739,6 +739,7 @@ def policy_loss(
     *,
     spec: CoreSpec,
     token_scale: jax.Array | float = 1.0,
+    norm_length: float | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The critic-free policy loss on log-probs (float `[B, T]`, `INVALID_LOGPROB` or anything
     outside `mask_BT`; every row must have at least one valid token).
@@ -750,6 +751,8 @@ def policy_loss(
       `[1 - clip_low, 1 + clip_high]`, plus `loss_kl_coef * KL_t(policy || ref)` with the
       `loss_kl_estimator`, reduced by `spec.aggregation` and multiplied by `token_scale` (1, except
       for "dapo" where it turns a micro-batch token mean into the minibatch token mean).
+      `norm_length` is "seq-mean-token-sum-norm"'s constant (default `T`; the trainers pass the
+      response length, so cutting padded columns changes nothing).
 
     Returns:
       `(loss, aux)`: aux holds `approx_kl`, `clipfrac`, `ratio_mean`, `ratio_var`, `ratio_max`
@@ -770,6 +773,7 @@ def policy_loss(
             advantages_BT,
             mask_BT,
             aggregation=spec.aggregation,
+            norm_length=norm_length,
             **clip,
         )
         pg_loss = pg_loss * token_scale
@@ -777,7 +781,8 @@ def policy_loss(
     loss = pg_loss
     if spec.loss_kl_coef != 0:
         kl_BT = kl_penalty(logprobs_BT, ref_logprobs_BT, spec.loss_kl_estimator)
-        kl_loss = aggregate_loss(kl_BT, mask_BT, spec.aggregation) * token_scale
+        kl_loss = aggregate_loss(kl_BT, mask_BT, spec.aggregation, norm_length=norm_length)
+        kl_loss = kl_loss * token_scale
         loss = loss + spec.loss_kl_coef * kl_loss
         aux["kl_loss"] = kl_loss
         aux["kl_mean"] = masked_mean(kl_BT, mask_BT)
@@ -813,6 +818,7 @@ def loss_fn(
         mb.mask,
         spec=config.core(),
         token_scale=token_scale,
+        norm_length=config.response_length,
     )
     entropy_avg = masked_mean(entropy, mb.mask)
     if config.entropy_coef:
@@ -1045,6 +1051,31 @@ def jit_iteration(
 ScoreFn = Callable[[GroupRollout], Any]
 
 
+def slice_group_rollout(roll: GroupRollout, width: int) -> GroupRollout:
+    """`roll` with its completion columns cut to the first `width` (see `ppo.slice_rollout`):
+    when every completion fits, only padding is cut."""
+    if width == roll.generation.tokens.shape[1]:
+        return roll
+    cut = lambda x: x[:, :width]
+    gen = roll.generation._replace(
+        tokens=cut(roll.generation.tokens),
+        logprobs=cut(roll.generation.logprobs),
+        mask=cut(roll.generation.mask),
+    )
+    return roll._replace(
+        generation=gen, old_logprobs=cut(roll.old_logprobs), ref_logprobs=cut(roll.ref_logprobs)
+    )
+
+
+def _global_values(x: jax.Array) -> np.ndarray:
+    """The global values of a (possibly multi-process) array on every host."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def make_host_iteration(
     config: CriticFreeConfig,
     cf_models: CriticFreeModels,
@@ -1054,7 +1085,9 @@ def make_host_iteration(
     update_jit_kwargs: dict[str, Any] | None = None,
 ) -> Callable[..., tuple[CriticFreeState, dict[str, Any]]]:
     """An iteration whose scores come from Python: `jit(rollout)` -> `score_fn` on the host ->
-    `jit(build_experience + update)` (state donated).
+    `jit(build_experience + update)` (state donated), the latter on the response columns cut to
+    the smallest length bucket holding the batch (`RLConfig.bucket_width`, `slice_group_rollout`:
+    only padding is cut; one compilation per bucket met).
 
     Args:
       score_fn: called as `score_fn(roll, *score_args, **score_kwargs)` with the `GroupRollout`
@@ -1079,12 +1112,13 @@ def make_host_iteration(
         jit_rollout = functools.partial(
             _shared_rollout, spec=config.rollout_spec(), cf_models=cf_models
         )
+
+    def finish(state, roll, scores, key, *, width):
+        roll = slice_group_rollout(roll, width)
+        return finish_with_scores(state, roll, scores, key, config=config, cf_models=cf_models)
+
     jit_finish = jax.jit(
-        lambda state, roll, scores, key: finish_with_scores(
-            state, roll, scores, key, config=config, cf_models=cf_models
-        ),
-        donate_argnums=(0,),
-        **(update_jit_kwargs or {}),
+        finish, donate_argnums=(0,), static_argnames="width", **(update_jit_kwargs or {})
     )
 
     def step(state, frozen, prompts_NP, prompt_mask_NP, key, *score_args, **score_kwargs):
@@ -1100,8 +1134,9 @@ def make_host_iteration(
                 f"score_fn must return {config.batch_size} scores (num_prompts x group_size), "
                 f"got shape {list(scores.shape)}"
             )
-        state, metrics = jit_finish(state, roll, scores, update_key)
-        return state, {**metrics, **host_metrics}
+        width = config.bucket_width(_global_values(roll.generation.sequence_lengths))
+        state, metrics = jit_finish(state, roll, scores, update_key, width=width)
+        return state, {**metrics, **host_metrics, "perf/response_bucket": float(width)}
 
     step.rollout = jit_rollout  # type: ignore[attr-defined]
     step.finish = jit_finish  # type: ignore[attr-defined]

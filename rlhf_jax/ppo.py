@@ -23,7 +23,6 @@ Where no row stops early the values agree; on padded batches TRL's are diluted b
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal, NamedTuple
 
 import flax.struct
@@ -92,10 +91,6 @@ class PPOConfig(RLConfig):
       loss_aggregation: how the policy loss reduces over tokens (see `aggregate_loss`).
       value_learning_rate: the value optimiser's peak learning rate (default: `learning_rate`).
       ptx_coef: weight of the PPO-ptx language-modelling loss on a pretraining batch.
-      length_buckets: the phased trainer trains on the smallest of this many static response
-        widths (`response_buckets`) that holds the batch's longest response, so the reward,
-        scoring and update passes cost what the real lengths need (1: always
-        `response_length`). The one-jit `ppo_iteration` always uses `response_length`.
     """
 
     batch_size: int
@@ -120,7 +115,6 @@ class PPOConfig(RLConfig):
     loss_aggregation: AggregationMode = "token-mean"
     value_learning_rate: float | None = None
     ptx_coef: float = 0.0
-    length_buckets: int = 4
 
     def __post_init__(self) -> None:
         per_update = self.num_mini_batches * self.gradient_accumulation_steps
@@ -130,11 +124,8 @@ class PPOConfig(RLConfig):
                 f"({self.num_mini_batches}) x gradient_accumulation_steps "
                 f"({self.gradient_accumulation_steps}) = {per_update}; change one of them"
             )
-        if self.num_ppo_epochs < 1 or self.length_buckets < 1:
-            raise ValueError(
-                "num_ppo_epochs and length_buckets must be >= 1, got "
-                f"{self.num_ppo_epochs}, {self.length_buckets}"
-            )
+        if self.num_ppo_epochs < 1:
+            raise ValueError(f"num_ppo_epochs must be >= 1, got {self.num_ppo_epochs}")
         if not 0.0 <= self.lam <= 1.0 or not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
         if self.policy_loss not in ("clip", "penalty"):
@@ -431,24 +422,17 @@ def rollout(
 
 
 def response_buckets(config: PPOConfig) -> tuple[int, ...]:
-    """The static response widths of `config.length_buckets` (ascending, the last
-    `response_length`): near-equal steps, each rounded up to a multiple of
-    `logprob_chunk_size` when that is set."""
-    n, length = config.length_buckets, config.response_length
-    unit = config.logprob_chunk_size or 1
-    widths = {
-        min(length, math.ceil(math.ceil(k * length / n) / unit) * unit) for k in range(1, n + 1)
-    }
-    return tuple(sorted(widths))
+    """`config.response_buckets()`: the static widths of `length_buckets`."""
+    return config.response_buckets()
 
 
 def bucket_width(sequence_lengths: Any, config: PPOConfig) -> int:
     """The smallest of `response_buckets(config)` holding every response of a batch
     (`sequence_lengths`: host ints, the index of each row's last real token); one column more
     with `score_position="after_last_token"`, whose score sits after the last token."""
-    needed = int(max(sequence_lengths)) + 1 + (config.score_position == "after_last_token")
-    needed = min(needed, config.response_length)
-    return next(w for w in response_buckets(config) if w >= needed)
+    return config.bucket_width(
+        sequence_lengths, extra=int(config.score_position == "after_last_token")
+    )
 
 
 def slice_rollout(roll: Rollout, width: int) -> Rollout:

@@ -10,6 +10,8 @@ algorithm.
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +55,10 @@ class RLConfig:
       logprob_chunk_size: positions per chunk when computing log-probs from hidden states (must
         divide `response_length`).
       decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
+      length_buckets: the phased trainers score and update on the smallest of this many static
+        response widths (`response_buckets`) that holds the batch's longest response, so those
+        passes cost what the real lengths need; only padding is cut (1: always
+        `response_length`). One-jit iterations always use `response_length`.
     """
 
     response_length: int = 53
@@ -77,6 +83,7 @@ class RLConfig:
     recompute_old_logprobs: bool = False
     logprob_chunk_size: int | None = None
     decode_chunks: int | None = None
+    length_buckets: int = 4
 
     @property
     def steps_per_iteration(self) -> int:
@@ -91,6 +98,8 @@ class RLConfig:
         for name in ("response_length", "total_iterations", "num_mini_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.length_buckets < 1:
+            raise ValueError(f"length_buckets must be >= 1, got {self.length_buckets}")
         if self.gradient_accumulation_steps < 1 or self.warmup_iterations < 0:
             raise ValueError(
                 "gradient_accumulation_steps must be >= 1 and warmup_iterations >= 0, got "
@@ -121,6 +130,24 @@ class RLConfig:
             pad_token_id=self.pad_token_id,
             decode_chunks=self.decode_chunks,
         )
+
+    def response_buckets(self) -> tuple[int, ...]:
+        """The static response widths of `length_buckets` (ascending, the last
+        `response_length`): near-equal steps, each rounded up to a multiple of
+        `logprob_chunk_size` when that is set."""
+        n, length = self.length_buckets, self.response_length
+        unit = self.logprob_chunk_size or 1
+        widths = {
+            min(length, math.ceil(math.ceil(k * length / n) / unit) * unit) for k in range(1, n + 1)
+        }
+        return tuple(sorted(widths))
+
+    def bucket_width(self, sequence_lengths: Any, extra: int = 0) -> int:
+        """The smallest of `response_buckets()` holding every response of a batch
+        (`sequence_lengths`: host ints, each row's last real token index), plus `extra` columns
+        (PPO's score one position after the last token)."""
+        needed = min(int(max(sequence_lengths)) + 1 + extra, self.response_length)
+        return next(w for w in self.response_buckets() if w >= needed)
 
     def lr_schedule(self, peak_lr: float | None = None) -> optax.Schedule:
         """Learning rate per optimiser step (`optim.lr_schedule` in units of iterations);
