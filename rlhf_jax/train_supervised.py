@@ -143,6 +143,14 @@ def _pack(
     return tokens[keep], response_mask[keep], {**counts, "kept": int(keep.sum())}
 
 
+def _attention_mask(response_mask_BT: np.ndarray) -> np.ndarray:
+    """Real tokens of `_pack`'s rows (prompt then response, right-padded): every position up to
+    the row's last response token. Not `tokens != pad`: with pad == eos (a common tokenizer
+    set-up) that would hide the EOS, and the reward model would learn to score the token before
+    it while PPO scores the EOS itself (the score goes on the last real response token)."""
+    return np.flip(np.cumsum(np.flip(response_mask_BT, axis=1), axis=1), axis=1) > 0
+
+
 def _columns(records: dict[str, list], names: list[str], path: str) -> list[list[str]]:
     missing = [n for n in names if n not in records]
     if missing:
@@ -180,7 +188,7 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     if kind == "sft":
         prompts, completions = _columns(records, [d.prompt_column, d.completion_column], d.path)
         tokens, loss_mask, counts = _pack(tokenizer, prompts, completions, d)
-        arrays = {"tokens": tokens, "loss_mask": loss_mask}
+        arrays = {"tokens": tokens, "loss_mask": loss_mask, "mask": _attention_mask(loss_mask)}
         if model_config.head != "lm":
             raise cfg.ConfigError("train sft needs a causal LM (model.head must be 'lm')")
     else:
@@ -188,14 +196,20 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             records, [d.prompt_column, d.chosen_column, d.rejected_column], d.path
         )
         c_tokens, c_mask, c_counts = _pack(tokenizer, prompts, chosen, d)
-        r_tokens, _, r_counts = _pack(tokenizer, prompts, rejected, d)
+        r_tokens, r_mask, r_counts = _pack(tokenizer, prompts, rejected, d)
         if c_counts["kept"] != len(prompts) or r_counts["kept"] != len(prompts):
             raise data.DataError(
                 f"{len(prompts) - min(c_counts['kept'], r_counts['kept'])} preference pairs do "
                 f"not fit in data.max_length={d.max_length}; raise it or shorten the responses"
             )
         counts = {"truncated": c_counts["truncated"] + r_counts["truncated"], "dropped": 0}
-        arrays = {"chosen": c_tokens, "rejected": r_tokens, "chosen_loss_mask": c_mask}
+        arrays = {
+            "chosen": c_tokens,
+            "rejected": r_tokens,
+            "chosen_loss_mask": c_mask,
+            "chosen_mask": _attention_mask(c_mask),
+            "rejected_mask": _attention_mask(r_mask),
+        }
         if model_config.head == "lm":
             params, model_config = reward_init_from_policy(
                 params, model_config, jax.random.key(config.seed)
@@ -204,14 +218,17 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     if num_rows == 0:
         raise data.DataError(f"no usable rows in {d.path!r} ({counts})")
     train_rows, eval_rows = _split(num_rows, d.eval_fraction, config.seed)
-    pad = tokenizer.pad_token_id
 
     def batch_at(rows: np.ndarray):
         if kind == "sft":
-            t = arrays["tokens"][rows]
-            return SFTBatch(t, t != pad, arrays["loss_mask"][rows])
-        c, r = arrays["chosen"][rows], arrays["rejected"][rows]
-        return PreferenceBatch(c, c != pad, r, r != pad, arrays["chosen_loss_mask"][rows])
+            return SFTBatch(arrays["tokens"][rows], arrays["mask"][rows], arrays["loss_mask"][rows])
+        return PreferenceBatch(
+            arrays["chosen"][rows],
+            arrays["chosen_mask"][rows],
+            arrays["rejected"][rows],
+            arrays["rejected_mask"][rows],
+            arrays["chosen_loss_mask"][rows],
+        )
 
     step_fn = (
         make_sft_step(model_config, config.train)

@@ -84,3 +84,22 @@ def test_missing_column_and_existing_run_are_clear_errors(tiny, capsys):
     bad = common(root / "bad", paths["policy"], data, 2) + ["data.completion_column=answer"]
     assert cli.main(["train", "sft", *bad]) != 0
     assert "no column(s) ['answer']" in capsys.readouterr().err
+
+
+def test_pad_equal_to_eos_keeps_the_eos_a_real_token():
+    """With pad == eos (what the tokenizer error message suggests), the supervised batches still
+    mark the appended EOS as a real token: the reward model reads the EOS, as PPO's scoring does
+    (the score goes on the last real response token), instead of the token before it."""
+    from tokenizer_utils import EOS, tiny_tokenizer
+
+    from rlhf_jax.train_supervised import SupervisedDataConfig, _attention_mask, _pack
+
+    tok = tiny_tokenizer(pad_token=EOS)
+    assert tok.pad_token_id == tok.eos_token_id
+    config = SupervisedDataConfig(path="unused", max_length=12)
+    tokens, loss_mask, _ = _pack(tok, ["tell me about the cat ."], ["good happy"], config)
+    mask = _attention_mask(loss_mask)
+    last = int(mask[0].sum()) - 1
+    assert tokens[0, last] == tok.eos_token_id and loss_mask[0, last]
+    np.testing.assert_array_equal(mask[0], np.arange(12) <= last)
+    assert tokens[0, last] == tok.pad_token_id  # `tokens != pad` would have hidden it
