@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from rlhf_jax import models, ppo  # noqa: E402
+from rlhf_jax import models, ppo, trainer  # noqa: E402
 from rlhf_jax import sharding as sh  # noqa: E402
 
 MESHES = {
@@ -71,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument(
+        "--frozen-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="storage of the reference and reward models (models.frozen_dtype); trained params "
+        "and AdamW moments are always float32",
+    )
     p.add_argument(
         "--real-layers", type=int, default=4, help="layers of the placed config (0: skip)"
     )
@@ -85,10 +91,13 @@ def ppo_setup(policy: models.ModelConfig) -> tuple[ppo.PPOConfig, ppo.PPOModels]
     return ppo.PPOConfig(batch_size=8), ppo.PPOModels(policy=policy, value=reward, reward=reward)
 
 
-def abstract_parts(config: ppo.PPOConfig, ppo_models: ppo.PPOModels) -> dict[str, Any]:
+def abstract_parts(
+    config: ppo.PPOConfig, ppo_models: ppo.PPOModels, frozen_dtype: str
+) -> dict[str, Any]:
     """Component name -> pytree of `ShapeDtypeStruct`."""
 
-    def params(model_config: models.ModelConfig) -> Any:
+    def params(model_config: models.ModelConfig, dtype: str = "float32") -> Any:
+        model_config = dataclasses.replace(model_config, param_dtype=dtype)
         return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
 
     state = jax.eval_shape(
@@ -96,7 +105,10 @@ def abstract_parts(config: ppo.PPOConfig, ppo_models: ppo.PPOModels) -> dict[str
         params(ppo_models.policy),
         params(ppo_models.value),
     )
-    return _parts(state, ppo.FrozenParams(params(ppo_models.policy), params(ppo_models.reward)))
+    frozen = ppo.FrozenParams(
+        params(ppo_models.policy, frozen_dtype), params(ppo_models.reward, frozen_dtype)
+    )
+    return _parts(state, frozen)
 
 
 def _parts(state: Any, frozen: Any) -> dict[str, Any]:
@@ -172,9 +184,11 @@ def table(title: str, columns: dict[str, dict[str, int]]) -> str:
     return "\n".join(lines)
 
 
-def abstract_report(policy: models.ModelConfig) -> tuple[str, dict[str, dict[str, int]]]:
+def abstract_report(
+    policy: models.ModelConfig, frozen_dtype: str
+) -> tuple[str, dict[str, dict[str, int]]]:
     config, ppo_models = ppo_setup(policy)
-    parts = abstract_parts(config, ppo_models)
+    parts = abstract_parts(config, ppo_models, frozen_dtype)
     columns = {"unsharded": unsharded_bytes(parts)}
     for name, mesh_config in MESHES.items():
         mesh = sh.make_mesh(mesh_config)
@@ -184,26 +198,30 @@ def abstract_report(policy: models.ModelConfig) -> tuple[str, dict[str, dict[str
     title = (
         f"Llama L={policy.num_layers} D={policy.hidden_size} F={policy.intermediate_size} "
         f"H={policy.num_heads}/{policy.num_kv_heads} V={policy.vocab_size}, "
-        f"{n_params / 1e6:.1f}M params per model, {policy.param_dtype} params and AdamW moments"
+        f"{n_params / 1e6:.1f}M params per model, float32 trained params and AdamW moments, "
+        f"{frozen_dtype} frozen models"
     )
     return table(title, columns), columns
 
 
-def real_report(policy: models.ModelConfig) -> tuple[str, dict[str, Any]]:
+def real_report(policy: models.ModelConfig, frozen_dtype: str) -> tuple[str, dict[str, Any]]:
     """Place real arrays on the FSDP mesh and compare to the abstract figures."""
     config, ppo_models = ppo_setup(policy)
     mesh = sh.make_mesh(MESHES["1x8x1 (fsdp)"])
     policy_params = models.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
     reward_params = models.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh)
     state = ppo.jit_init_state(config, ppo_models, mesh)(policy_params, reward_params)
-    parts = _parts(state, ppo.FrozenParams(policy_params, reward_params))
+    frozen = trainer.frozen_params((policy_params, reward_params), frozen_dtype)
+    parts = _parts(state, ppo.FrozenParams(*frozen))
     measured = measured_bytes(parts)
     s = ppo.ppo_shardings(config, ppo_models, mesh)
-    predicted = per_device_bytes(abstract_parts(config, ppo_models), _parts(s.state, s.frozen))
+    predicted = per_device_bytes(
+        abstract_parts(config, ppo_models, frozen_dtype), _parts(s.state, s.frozen)
+    )
     full = unsharded_bytes(parts)
     lines = [
         f"Real arrays on 1x8x1 (fsdp), Llama L={policy.num_layers} D={policy.hidden_size} "
-        f"V={policy.vocab_size} ({policy.param_dtype}): bytes held per device "
+        f"V={policy.vocab_size} (frozen models {frozen_dtype}): bytes held per device "
         "(addressable_shards)",
         f"{'component':<16}{'unsharded MiB':>15}{'min/device':>14}{'max/device':>14}"
         f"{'predicted':>12}{'fraction':>10}",
@@ -226,7 +244,7 @@ def real_report(policy: models.ModelConfig) -> tuple[str, dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
+    dtypes = dict(dtype="float32", param_dtype="float32")
     big = common.llama_config(
         layers=args.layers,
         hidden=args.hidden,
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         vocab=args.vocab,
         **dtypes,
     )
-    text, columns = abstract_report(big)
+    text, columns = abstract_report(big, args.frozen_dtype)
     print(text)
     results: dict[str, Any] = {"abstract": columns}
     if args.real_layers:
@@ -246,10 +264,10 @@ def main(argv: list[str] | None = None) -> None:
             **dtypes,
         )  # fmt: skip
         print()
-        text, columns = abstract_report(small)
+        text, columns = abstract_report(small, args.frozen_dtype)
         print(text)
         print()
-        text, real = real_report(small)
+        text, real = real_report(small, args.frozen_dtype)
         print(text)
         results["real"] = real
     if args.json:

@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from rlhf_jax import models, ppo, sharding  # noqa: E402
+from rlhf_jax import models, ppo, sharding, trainer  # noqa: E402
 from rlhf_jax.host import release_host_memory  # noqa: E402
 from rlhf_jax.sampling import generate  # noqa: E402
 
@@ -90,10 +90,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minibatches", type=int, default=1)
     p.add_argument("--iters", type=int, default=5, help="timed iterations (after the compile)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--param-dtype", default=None, help="default: --dtype")
+    p.add_argument(
+        "--frozen-dtype",
+        default=None,
+        choices=("float32", "bfloat16"),
+        help="storage of the reference and reward models (models.frozen_dtype; default float32); "
+        "trained params and AdamW moments are float32",
+    )
     p.add_argument("--recompute-old-logprobs", action="store_true")
     p.add_argument("--logprob-chunk", type=int, default=None, help="PPOConfig.logprob_chunk_size")
-    p.add_argument("--remat", action="store_true", help="rematerialise layers in the backward")
+    p.add_argument(
+        "--remat",
+        default="dots",
+        choices=("none", "dots", "full"),
+        help="what the backward recomputes of each layer (models.remat)",
+    )
     p.add_argument(
         "--shared-value-head",
         action="store_true",
@@ -135,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.kv_heads = args.kv_heads or args.heads
-    args.param_dtype = args.param_dtype or args.dtype
+    args.frozen_dtype = args.frozen_dtype or "float32"
     if args.hidden % args.heads:
         p.error(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
     return args
@@ -152,7 +163,7 @@ def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
         attn_bias=args.arch == "qwen2",
         qk_norm=args.arch == "qwen3",
         dtype=args.dtype,
-        param_dtype=args.param_dtype,
+        param_dtype="float32",
         remat=args.remat,
         scan_layers={"auto": None, "true": True, "false": False}[args.scan_layers],
     )
@@ -360,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"model: {args.arch}, {args.layers} layers, hidden {args.hidden}, intermediate "
         f"{args.intermediate}, {args.heads} heads, vocab {args.vocab}+2, {args.dtype} "
-        f"(params {args.param_dtype}); batch {b}, prompt {p}, response {t}, epochs "
+        f"(frozen models {args.frozen_dtype}); batch {b}, prompt {p}, response {t}, epochs "
         f"{args.epochs}, minibatches {args.minibatches}, recompute_old_logprobs "
         f"{args.recompute_old_logprobs}, mesh {args.mesh}"
     )
@@ -381,11 +392,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         shardings = ppo.ppo_shardings(config, pm, mesh)
         policy = jax.device_put(policy, shardings.frozen.ref)
         reward = jax.device_put(reward, shardings.frozen.reward)
-    frozen = ppo.FrozenParams(ref=policy, reward=reward)
     value = ppo.value_head_init(pm.policy) if pm.shared_value_head else reward
     if multi:
         value = jax.device_put(value, shardings.state.value_params)
     state = ppo.jit_init_state(config, pm, mesh if multi else None)(policy, value)
+    frozen = ppo.FrozenParams(*trainer.frozen_params((policy, reward), args.frozen_dtype))
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, args.vocab, size=(b, p)), jnp.int32)
     prompt_mask = jnp.ones((b, p), bool)

@@ -54,9 +54,17 @@ class ModelsConfig:
       shared_value_head: no value model; a zero-initialised scalar head on the policy's trunk
         gives the values, and the value loss trains the trunk with the policy loss
         (`ppo.PPOModels(value=None)`). Excludes `value`.
-      dtype: compute dtype ("float32" | "bfloat16" | "float16").
-      param_dtype: dtype of the trained parameters and optimiser moments.
-      remat: rematerialise each layer in the backward pass (less memory, more compute).
+      dtype: compute dtype ("float32" | "bfloat16" | "float16"); matmuls run in it, norms,
+        softmaxes, the LM/score heads' outputs and the losses stay float32.
+      param_dtype: dtype of the trained parameters (policy, value) and their AdamW moments:
+        float32 only, as master weights (in bfloat16 an RL-sized update rounds away:
+        `optim.check_trainable`).
+      frozen_dtype: storage dtype of the frozen reference and reward models (None: param_dtype);
+        "bfloat16" halves their memory and changes nothing that is learned.
+      remat: what the backward pass recomputes of each layer (`models.ModelConfig.remat`):
+        "dots" (keep the weight-matmul outputs; recompute the elementwise work), "full" (least
+        memory, about a third more compute) or "none" (keep everything); true/false mean
+        "full"/"none".
       scan_layers: full passes scan over the layers (True) or run them unrolled (False); null:
         unrolled for models of at most 4 layers (`models.ModelConfig.scan_layers`).
       allow_pickle: allow `*.bin` (pickle) checkpoints, read with `torch.load(weights_only=True)`.
@@ -69,7 +77,8 @@ class ModelsConfig:
     shared_value_head: bool = False
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    remat: bool = False
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    remat: bool | Literal["none", "dots", "full"] = "dots"
     scan_layers: bool | None = None
     allow_pickle: bool = False
 
@@ -79,6 +88,15 @@ class ModelsConfig:
                 "set exactly one of models.reward (a reward-model path) and "
                 "models.reward_function ('module:function'), got "
                 f"reward={self.reward!r}, reward_function={self.reward_function!r}"
+            )
+        if self.param_dtype != "float32":
+            raise ValueError(
+                f"models.param_dtype={self.param_dtype} would store the trained policy and value "
+                "params and their AdamW moments in 16 bits, where an update at RL learning rates "
+                "(~1e-6) is below half an ulp of most weights and rounds away: the model would not "
+                "learn. Keep models.param_dtype=float32; for memory and speed set "
+                "models.dtype=bfloat16 (compute) and models.frozen_dtype=bfloat16 (reference and "
+                "reward models)"
             )
         if self.shared_value_head and self.value is not None:
             raise ValueError(

@@ -37,7 +37,13 @@ from rlhf_jax import sharding as sh
 from rlhf_jax.advantages import AdvantageInputs, estimate_advantages
 from rlhf_jax.losses import LOSS_AGGREGATIONS, AggregationMode, aggregate_loss, ppo_policy_loss
 from rlhf_jax.ops import masked_mean, masked_sum
-from rlhf_jax.optim import accumulate_grads, apply_if_finite, scan_epochs, summarize_update
+from rlhf_jax.optim import (
+    accumulate_grads,
+    apply_if_finite,
+    check_trainable,
+    scan_epochs,
+    summarize_update,
+)
 from rlhf_jax.ppo import policy_logprobs, reward_scores
 from rlhf_jax.rewards import (
     KL_ESTIMATORS,
@@ -524,7 +530,9 @@ class Experience(flax.struct.PyTreeNode):
 
 def init_state(policy_params: Params, config: CriticFreeConfig) -> CriticFreeState:
     """Fresh optimiser and KL state around a copy of `policy_params` (so iterations can donate the
-    state while the same arrays serve as the frozen reference)."""
+    state while the same arrays serve as the frozen reference). Trained params must be float32
+    (`optim.check_trainable`)."""
+    check_trainable(policy_params, "policy params")
     policy_params = jax.tree.map(jnp.copy, policy_params)
     return CriticFreeState(
         policy_params=policy_params,
@@ -808,7 +816,7 @@ def loss_fn(
         mb.mask,
         temperature=config.temperature,
         chunk_size=config.logprob_chunk_size,
-        with_entropy=True,
+        with_entropy=config.entropy_coef != 0 or config.log_entropy,
     )
     loss, pl_aux = policy_loss(
         logprobs,
@@ -820,18 +828,18 @@ def loss_fn(
         token_scale=token_scale,
         norm_length=config.response_length,
     )
-    entropy_avg = masked_mean(entropy, mb.mask)
     if config.entropy_coef:
-        loss = loss - config.entropy_coef * entropy_avg
+        loss = loss - config.entropy_coef * masked_mean(entropy, mb.mask)
     aux = {
         "policy/approxkl_avg": pl_aux["approx_kl"],
         "policy/clipfrac_avg": pl_aux["clipfrac"],
         "loss/policy_avg": pl_aux["pg_loss"],
-        "policy/entropy_avg": entropy_avg,
         "val/ratio": pl_aux["ratio_mean"],
         "val/ratio_var": pl_aux["ratio_var"],
         "val/ratio_max": pl_aux["ratio_max"],
     }
+    if entropy is not None:
+        aux["policy/entropy_avg"] = masked_mean(entropy, mb.mask)
     if "kl_loss" in pl_aux:
         aux["loss/kl_avg"] = pl_aux["kl_loss"]
         aux["policy/kl_avg"] = pl_aux["kl_mean"]

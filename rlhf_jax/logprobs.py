@@ -57,7 +57,9 @@ def logprobs_from_hidden(
     `logits_fn` maps hidden `[B, C, D]` to logits `[B, C, V]` (the LM head). Logits are divided by
     `temperature` (the PPO ratio uses the sampling distribution). The sequence is processed
     `chunk_size` positions at a time under `jax.checkpoint`, so neither the forward nor the backward
-    pass keeps more than one `[B, chunk_size, V]` logits block alive.
+    pass keeps more than one `[B, chunk_size, V]` logits block alive (None: one block of the whole
+    length). Any length works: a last partial chunk is padded (zero hidden states, token 0) and
+    the padded positions are dropped from the result.
 
     Returns:
       `(logprobs_BT, entropy_BT or None)`, float32.
@@ -71,11 +73,9 @@ def logprobs_from_hidden(
     if temperature <= 0:
         raise ValueError(f"logprobs_from_hidden: temperature must be > 0, got {temperature}")
     batch, length, dim = hidden_BTD.shape
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"logprobs_from_hidden: chunk_size must be >= 1, got {chunk_size}")
     chunk = length if chunk_size is None else min(chunk_size, length)
-    if length % chunk:
-        raise ValueError(
-            f"logprobs_from_hidden: chunk_size {chunk} must divide the length {length}"
-        )
 
     @jax.checkpoint
     def one_chunk(h_BCD: jax.Array, t_BC: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,10 +86,13 @@ def logprobs_from_hidden(
     if chunk == length:
         logp, ent = one_chunk(hidden_BTD, tokens_BT)
     else:
-        n = length // chunk
+        n = -(-length // chunk)
+        pad = n * chunk - length
+        hidden_BTD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0)))
+        tokens_BT = jnp.pad(tokens_BT, ((0, 0), (0, pad)))
         h_NBCD = hidden_BTD.reshape(batch, n, chunk, dim).swapaxes(0, 1)
         t_NBC = tokens_BT.reshape(batch, n, chunk).swapaxes(0, 1)
         logp, ent = jax.lax.map(lambda xs: one_chunk(*xs), (h_NBCD, t_NBC))
-        logp = logp.swapaxes(0, 1).reshape(batch, length)
-        ent = ent.swapaxes(0, 1).reshape(batch, length)
+        logp = logp.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length]
+        ent = ent.swapaxes(0, 1).reshape(batch, n * chunk)[:, :length]
     return logp, (ent if with_entropy else None)

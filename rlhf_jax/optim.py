@@ -83,6 +83,46 @@ def lr_schedule(
     return schedule
 
 
+def check_trainable(params: Any, what: str = "trained params") -> None:
+    """Raises ValueError when a floating leaf of `params` is narrower than float32.
+
+    Adam's update is `lr * m / sqrt(v)`, about `lr` per weight: at RL learning rates (1e-6 to
+    1e-5) that is below half a bfloat16 ulp of weights of magnitude ~0.02 (2^-6 * 2^-8 ~ 6e-5),
+    so most of each step rounds away and the model silently does not learn. Trained params and
+    their moments stay float32 (master weights); bfloat16 is for the compute dtype and for the
+    frozen models.
+    """
+    narrow = sorted(
+        {
+            str(leaf.dtype)
+            for leaf in jax.tree.leaves(params)
+            if jnp.issubdtype(leaf.dtype, jnp.floating) and jnp.finfo(leaf.dtype).bits < 32
+        }
+    )
+    if narrow:
+        raise ValueError(
+            f"{what} are {'/'.join(narrow)}: optimiser steps at RL learning rates round away in "
+            "so few bits and the model does not learn. Keep trained params float32 "
+            "(models.param_dtype=float32) and compute in bfloat16 instead (models.dtype=bfloat16); "
+            "frozen models may be stored in bfloat16 (models.frozen_dtype=bfloat16)"
+        )
+
+
+NO_DECAY = ("bias", "scale")
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the leaves weight decay applies to: every parameter except biases and norm
+    scales (leaves named `bias` or `scale`), i.e. the weight matrices and embeddings."""
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        last = path[-1] if path else None
+        name = getattr(last, "key", getattr(last, "name", None))
+        return name not in NO_DECAY
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def adamw(
     learning_rate: float | optax.Schedule,
     *,
@@ -91,8 +131,9 @@ def adamw(
     max_grad_norm: float | None = None,
 ) -> optax.GradientTransformation:
     """`optax.adamw`, after global-norm clipping of the gradients unless `max_grad_norm` is None
-    (the state is then `(clip_state, adamw_state)`)."""
-    tx = optax.adamw(learning_rate, eps=eps, weight_decay=weight_decay)
+    (the state is then `(clip_state, adamw_state)`). Weight decay skips biases and norm scales
+    (`decay_mask`), as Hugging Face's Trainer and TRL do."""
+    tx = optax.adamw(learning_rate, eps=eps, weight_decay=weight_decay, mask=decay_mask)
     if max_grad_norm is None:
         return tx
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)

@@ -43,7 +43,13 @@ from rlhf_jax.losses import (
     ppo_value_loss,
 )
 from rlhf_jax.ops import INVALID_LOGPROB, masked_mean, masked_sum, masked_whiten, response_mask
-from rlhf_jax.optim import accumulate_grads, apply_if_finite, scan_epochs, summarize_update
+from rlhf_jax.optim import (
+    accumulate_grads,
+    apply_if_finite,
+    check_trainable,
+    scan_epochs,
+    summarize_update,
+)
 from rlhf_jax.rewards import (
     KLController,
     KLState,
@@ -561,7 +567,10 @@ def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -
 
     The state owns its buffers, so iterations can donate it even when `policy_params` are the same
     arrays as the frozen reference (the usual start) or `value_params` the reward model's.
+    Trained params must be float32 (`optim.check_trainable`; cast frozen ones as you like).
     """
+    check_trainable(policy_params, "policy params")
+    check_trainable(value_params, "value params")
     policy_tx, value_tx = optimizers(config)
     policy_params, value_params = jax.tree.map(jnp.copy, (policy_params, value_params))
     return PPOState(
@@ -618,9 +627,9 @@ def _loss(
         mb.mask,
         config.temperature,
         config.logprob_chunk_size,
-        True,
+        config.entropy_coef != 0 or config.log_entropy,
     )
-    if config.entropy_coef == 0:
+    if config.entropy_coef == 0 and entropy is not None:
         # Only a metric then: no backward pass through the [B, T, V] entropy computation.
         entropy = jax.lax.stop_gradient(entropy)
     if config.policy_loss == "penalty":
@@ -652,8 +661,9 @@ def _loss(
     vf_loss, vf_aux = ppo_value_loss(
         values, mb.values, mb.returns, mb.value_mask, clip_range=config.cliprange_value
     )
-    entropy_avg = masked_mean(entropy, mb.mask)
-    loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_avg
+    loss = pg_loss + config.vf_coef * vf_loss
+    if config.entropy_coef:
+        loss = loss - config.entropy_coef * masked_mean(entropy, mb.mask)
     aux = {
         "policy/approxkl_avg": pg_aux["approx_kl"],
         "policy/clipfrac_avg": pg_aux["clipfrac"],
@@ -661,11 +671,12 @@ def _loss(
         "loss/policy_avg": pg_loss,
         "loss/value_avg": vf_loss,
         "val/clipfrac_avg": vf_aux["clipfrac"],
-        "policy/entropy_avg": entropy_avg,
         "val/ratio": pg_aux["ratio_mean"],
         "val/ratio_var": pg_aux["ratio_var"],
         "val/ratio_max": pg_aux["ratio_max"],
     }
+    if entropy is not None:
+        aux["policy/entropy_avg"] = masked_mean(entropy, mb.mask)
     if "penalty_kl" in pg_aux:
         aux["policy/penalty_kl"] = pg_aux["penalty_kl"]
     if ptx is not None and config.ptx_coef > 0:

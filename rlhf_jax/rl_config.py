@@ -52,8 +52,13 @@ class RLConfig:
       entropy_coef: entropy bonus weight (0 = off).
       recompute_old_logprobs: recompute rollout log-probs with a training-style forward pass
         instead of taking them from the sampler (removes the sampler/trainer numeric gap).
-      logprob_chunk_size: positions per chunk when computing log-probs from hidden states (must
-        divide `response_length`).
+      logprob_chunk_size: positions per chunk when computing log-probs (and entropies) from
+        hidden states, so at most `[micro_batch, chunk, V]` float32 logits are alive at once
+        (any response length works; None: the whole response in one block, which at a 128k
+        vocabulary is 0.5 MB per token of float32 logits).
+      log_entropy: compute the policy's token entropy in the update for the
+        `policy/entropy_avg` metric (a softmax over the vocabulary at every position; it is
+        computed anyway when `entropy_coef > 0`).
       decode_chunks: `SamplingConfig.decode_chunks` of the rollout (None: automatic).
       length_buckets: the phased trainers score and update on the smallest of this many static
         response widths (`response_buckets`) that holds the batch's longest response, so those
@@ -81,7 +86,8 @@ class RLConfig:
     max_grad_norm: float | None = 1.0
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False
-    logprob_chunk_size: int | None = None
+    logprob_chunk_size: int | None = 128
+    log_entropy: bool = True
     decode_chunks: int | None = None
     length_buckets: int = 4
 
@@ -105,10 +111,10 @@ class RLConfig:
                 "gradient_accumulation_steps must be >= 1 and warmup_iterations >= 0, got "
                 f"{self.gradient_accumulation_steps}, {self.warmup_iterations}"
             )
-        if self.logprob_chunk_size is not None and self.response_length % self.logprob_chunk_size:
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise ValueError(
-                f"logprob_chunk_size={self.logprob_chunk_size} must divide "
-                f"response_length={self.response_length}"
+                f"logprob_chunk_size must be >= 1 (or null: no chunking), got "
+                f"{self.logprob_chunk_size}"
             )
         check_schedule(self.lr_decay, self.min_lr_ratio)
         self.sampling_config()  # validates temperature and the filters with their own messages
@@ -133,14 +139,9 @@ class RLConfig:
 
     def response_buckets(self) -> tuple[int, ...]:
         """The static response widths of `length_buckets` (ascending, the last
-        `response_length`): near-equal steps, each rounded up to a multiple of
-        `logprob_chunk_size` when that is set."""
+        `response_length`): near-equal steps."""
         n, length = self.length_buckets, self.response_length
-        unit = self.logprob_chunk_size or 1
-        widths = {
-            min(length, math.ceil(math.ceil(k * length / n) / unit) * unit) for k in range(1, n + 1)
-        }
-        return tuple(sorted(widths))
+        return tuple(sorted({math.ceil(k * length / n) for k in range(1, n + 1)}))
 
     def bucket_width(self, sequence_lengths: Any, extra: int = 0) -> int:
         """The smallest of `response_buckets()` holding every response of a batch

@@ -18,7 +18,7 @@ import optax
 from rlhf_jax import models
 from rlhf_jax.logprobs import logprobs_from_hidden
 from rlhf_jax.ops import masked_mean
-from rlhf_jax.optim import Decay, adamw, check_schedule, lr_schedule
+from rlhf_jax.optim import Decay, adamw, check_schedule, check_trainable, lr_schedule
 from rlhf_jax.sampling import prompt_positions
 
 Params = Any
@@ -83,7 +83,8 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def init_train_state(params: Params, config: TrainConfig) -> TrainState:
-    """A fresh state owning a copy of `params`."""
+    """A fresh state owning a copy of `params` (float32: `optim.check_trainable`)."""
+    check_trainable(params)
     params = jax.tree.map(jnp.copy, params)
     return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32))
 

@@ -31,6 +31,7 @@ from rlhf_jax.trainer import (
     TrainResult,
     checkpoint_due,
     enable_compilation_cache,
+    frozen_params,
     load_params,
     open_checkpointer,
     read_model_config,
@@ -144,9 +145,13 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     if reward_path is not None:
         reward = load_params(reward_path, reward_config, mesh, mc.allow_pickle)
     cf_models = cf.CriticFreeModels(policy=policy_config, reward=reward_config)
-    frozen = cf.CriticFreeFrozen(ref=policy if algo.core().needs_ref else None, reward=reward)
     shardings = cf.critic_free_shardings(algo, cf_models, mesh)
     state = jax.jit(lambda p: cf.init_state(p, algo), out_shardings=shardings.state)(policy)
+    frozen = cf.CriticFreeFrozen(
+        ref=frozen_params(policy, mc.frozen_dtype) if algo.core().needs_ref else None,
+        reward=frozen_params(reward, mc.frozen_dtype),
+    )
+    del policy, reward
     key = jax.random.key(config.seed)
     position = data.DataPosition()
     if latest is not None:

@@ -81,7 +81,7 @@ class SupervisedRunConfig:
       normalize: RM only: rescale the head so held-out chosen responses score with std 1 (and mean
         0 where the architecture allows), as lm-human-preferences does.
       eval_every: evaluate on the held-out rows every N steps (and at the end).
-      dtype: compute dtype.
+      dtype: compute dtype; the trained params and AdamW moments stay float32.
     """
 
     run_dir: str
@@ -173,9 +173,9 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     if not (model_path / "config.json").exists():
         raise cfg.ConfigError(f"model: {config.model!r} is not a local HF model directory")
     tokenizer = data.load_tokenizer(config.tokenizer, config.model)
-    params, model_config = models.hf.load(
-        model_path, dtype=config.dtype, allow_pickle=config.allow_pickle
-    )
+    # float32 master params (`optim.check_trainable`), computing in `config.dtype`
+    params, model_config = models.hf.load(model_path, allow_pickle=config.allow_pickle)
+    model_config = dataclasses.replace(model_config, dtype=config.dtype)
     if len(tokenizer) > model_config.vocab_size:
         raise cfg.ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "

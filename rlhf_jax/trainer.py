@@ -184,6 +184,17 @@ def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Param
     )
 
 
+def frozen_params(params: Params | None, dtype: str | None) -> Params | None:
+    """`params` (a frozen reference or reward model) stored in `dtype` (`models.frozen_dtype`;
+    None: unchanged). Floating leaves are cast where they lie, keeping their shardings."""
+    if params is None or dtype is None:
+        return params
+    target = jnp.dtype(dtype)
+    return jax.tree.map(
+        lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
+
+
 def load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
     """Weights of `path` in `config.param_dtype`, loaded shard by shard onto the mesh."""
     params, _ = models.load_sharded(path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle)
@@ -557,6 +568,9 @@ def _train(setup: _Setup) -> TrainResult:
         else:
             state = programs.init(policy, value)
         del value
+        # From here `policy` is only the frozen reference (the state owns the trained copy).
+        policy = frozen_params(policy, mc.frozen_dtype)
+        reward = frozen_params(reward, mc.frozen_dtype)
 
     start = int(state.iteration)
     total = pc.total_iterations

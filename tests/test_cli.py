@@ -67,6 +67,8 @@ def _run(argv, capsys):
         (["checkpoint.keep=0"], "checkpoint: need every >= 0 and keep >= 1"),
         (["mesh.tensor=true"], "mesh.tensor expects int, got True"),
         (["models.value=[1]"], "models.value expects str or null, got [1]"),
+        (["models.param_dtype=bfloat16"], "models: models.param_dtype=bfloat16 would store"),
+        (["models.frozen_dtype=int8"], "models.frozen_dtype expects one of 'float32'"),
         (["seed"], "override 'seed' must look like key.sub=value"),
         # Valid YAML (a list holding a mapping) that does not fit the field's type ...
         (["tokenizer.extra_stop_tokens=[?]"], "tokenizer.extra_stop_tokens expects a list of str"),

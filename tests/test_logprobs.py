@@ -69,15 +69,19 @@ class LogprobTest(chex.TestCase):
             logits = (h @ w) / 0.7
             return rj.selective_log_softmax(logits, tokens), rj.entropy_from_logits(logits)
 
-        def chunked(h, w):
-            return rj.logprobs_from_hidden(
-                h, tokens, lambda x: x @ w, temperature=0.7, chunk_size=2, with_entropy=True
-            )
-
         want_lp, want_ent = plain(hidden, head)
-        got_lp, got_ent = self.variant(chunked)(hidden, head)
-        assert_f32_close(got_lp, want_lp, ulps=REORDERED)
-        assert_f32_close(got_ent, want_ent, ulps=REORDERED, scale=np.abs(want_lp).max())
         grad_plain = jax.grad(lambda w: plain(hidden, w)[0].sum())(head)
-        grad_chunk = jax.grad(lambda w: chunked(hidden, w)[0].sum())(head)
-        assert_f32_close(grad_chunk, grad_plain, ulps=GRADIENT)
+        # 2 divides the length 8; 3 leaves a partial last chunk (padded, then dropped)
+        for size in (2, 3):
+
+            def chunked(h, w, size=size):
+                return rj.logprobs_from_hidden(
+                    h, tokens, lambda x: x @ w, temperature=0.7, chunk_size=size, with_entropy=True
+                )
+
+            got_lp, got_ent = self.variant(chunked)(hidden, head)
+            assert got_lp.shape == got_ent.shape == (2, 8)
+            assert_f32_close(got_lp, want_lp, ulps=REORDERED)
+            assert_f32_close(got_ent, want_ent, ulps=REORDERED, scale=np.abs(want_lp).max())
+            grad_chunk = jax.grad(lambda w, f=chunked: f(hidden, w)[0].sum())(head)
+            assert_f32_close(grad_chunk, grad_plain, ulps=GRADIENT)

@@ -23,6 +23,7 @@ from rlhf_jax.models import (
     init_params,
     lm_logits,
     logical_axes,
+    score,
     sequence_scores,
     unstack_layers,
 )
@@ -323,11 +324,33 @@ def test_remat_gives_same_gradients():
         return jnp.mean(lm_logits(params, config, hidden) ** 2)
 
     grad_fn = jax.jit(jax.grad(loss), static_argnums=1)
-    assert_f32_close(
-        grad_fn(params, config),
-        grad_fn(params, dataclasses.replace(config, remat=True)),
-        ulps=GRADIENT,
-    )
+    want = grad_fn(params, dataclasses.replace(config, remat="none"))
+    for remat in ("dots", "full", True):
+        got = grad_fn(params, dataclasses.replace(config, remat=remat))
+        assert_f32_close(got, want, ulps=GRADIENT, err_msg=str(remat))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_names_mean_what_they_say(scan_layers):
+    """ "none" (and `remat=False`) puts no checkpoint around the layers; "dots" saves only the
+    weight-matmul outputs; "full" (and True) recomputes the whole layer."""
+    _, params, config = reference("llama")
+    tokens = random_tokens((1, 4))
+    positions, mask = np.arange(4)[None], np.ones((1, 4), bool)
+
+    def checkpoints(remat):
+        c = dataclasses.replace(config, remat=remat, scan_layers=scan_layers)
+        loss = lambda p: jnp.sum(forward(p, c, tokens, positions, mask)[0])  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
+        return jaxpr.count("checkpoint[") + jaxpr.count("remat2["), jaxpr
+
+    assert dataclasses.replace(config, remat=False).remat == "none"
+    assert dataclasses.replace(config, remat=True).remat == "full"
+    (none, _), (dots, dots_jaxpr), (full, full_jaxpr) = map(checkpoints, ("none", "dots", "full"))
+    assert none == 0 and dots > 0 and full > 0
+    assert dots_jaxpr != full_jaxpr  # different policies, different residuals
+    with pytest.raises(ValueError, match="remat must be one of"):
+        dataclasses.replace(config, remat="some")
 
 
 @pytest.mark.parametrize(
@@ -442,3 +465,48 @@ def test_config_validation(change, message):
     hash(ModelConfig(**base))
     with pytest.raises(ValueError, match=message):
         ModelConfig(**(base | change))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},  # lm_head
+        {"tie_embeddings": True},
+        {"head": "score", "num_labels": 1},
+    ],
+    ids=["lm_head", "tied", "score"],
+)
+def test_bfloat16_heads_have_float32_outputs(overrides):
+    """In bfloat16 compute the LM, tied and score heads multiply bfloat16 inputs but accumulate
+    and return float32: at logits of ~16-32 a bfloat16 output would be off by up to 0.125 (half
+    an ulp at 32), i.e. up to 0.125 nat per token in the log-softmax."""
+    config = ModelConfig(
+        family="llama",
+        vocab_size=64,
+        hidden_size=64,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        dtype="bfloat16",
+        **overrides,
+    )
+    params = init_params(config, jax.random.key(0))
+    hidden = jax.random.normal(jax.random.key(1), (2, 5, 64), jnp.bfloat16) * 24
+    if config.head == "score":
+        out, kernel = score(params, config, hidden), params["score"]["kernel"]
+    else:
+        out = lm_logits(params, config, hidden)
+        kernel = params["embed"]["embedding"].T if config.tie_embeddings else None
+        kernel = params["lm_head"]["kernel"] if kernel is None else kernel
+    assert out.dtype == jnp.float32
+    # bfloat16 x bfloat16 products are exact in float64; the head rounds only its float32 sum.
+    h64 = np.asarray(hidden.astype(jnp.float32), np.float64)
+    w64 = np.asarray(jnp.asarray(kernel).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    want = h64 @ w64
+    assert np.abs(want).max() > 8  # large enough that bfloat16 outputs would be visibly off
+    assert_f32_close(
+        out, want, ulps=REORDERED, scale=float(np.abs(h64).max() * np.abs(w64).sum(0).max())
+    )

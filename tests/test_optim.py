@@ -9,6 +9,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from tolerances import REORDERED, assert_f32_close
 
@@ -104,3 +105,43 @@ def test_every_trainer_uses_the_one_schedule():
     updates, _ = jax.jit(tx.update)({"w": jnp.ones(3)}, tx.init(params), params)
     assert_f32_close(updates["w"], np.full(3, -1e-3 / 4), ulps=REORDERED)
     assert dataclasses.replace(train, lr_decay="cosine").optimizer() is not None
+
+
+def test_every_trainer_refuses_16_bit_trained_params():
+    """Adam moves each weight by about the learning rate; at RL rates that is below half a
+    bfloat16 ulp of typical weights, so 16-bit trained params would not learn (optim docs)."""
+    params = {"w": jnp.full((4, 4), 0.02, jnp.bfloat16), "step": jnp.zeros((), jnp.int32)}
+    tx = optim.adamw(3e-6)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert bool(jnp.all(optax.apply_updates(params, updates)["w"] == params["w"]))  # the problem
+    optim.check_trainable(jax.tree.map(lambda x: x.astype(jnp.float32), params))
+    for init in (
+        lambda p: cf.init_state(p, cf.GRPOConfig(num_prompts=2, num_generations=2)),
+        lambda p: sft.init_train_state(p, sft.TrainConfig()),
+        lambda p: ppo.init_state(p, {"v": jnp.zeros(2)}, ppo.PPOConfig(batch_size=4)),
+    ):
+        with pytest.raises(ValueError, match="bfloat16: optimiser steps at RL learning rates"):
+            init(params)
+        with pytest.raises(ValueError, match="float16"):
+            init({"w": jnp.zeros(3, jnp.float16)})
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    """With zero gradients AdamW only decays: kernels and embeddings shrink by lr * wd * w, biases
+    and norm scales (Hugging Face's and TRL's exclusions) stay put."""
+    params = {
+        "embed": {"embedding": jnp.ones((3, 2))},
+        "layers": {"mlp": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}},
+        "final_norm": {"scale": jnp.ones(2), "bias": jnp.ones(2)},
+    }
+    tx = optim.adamw(0.1, weight_decay=0.5, max_grad_norm=1.0)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    assert_f32_close(new["embed"]["embedding"], np.full((3, 2), 0.95), ulps=REORDERED)
+    assert_f32_close(new["layers"]["mlp"]["kernel"], np.full((2, 2), 0.95), ulps=REORDERED)
+    for leaf in (
+        new["layers"]["mlp"]["bias"],
+        new["final_norm"]["scale"],
+        new["final_norm"]["bias"],
+    ):
+        np.testing.assert_array_equal(leaf, 1.0)

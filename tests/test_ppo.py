@@ -13,7 +13,7 @@ import optax
 import pytest
 import torch
 from hf_utils import PAD_ID, state_dict_numpy, tiny_hf_model
-from tolerances import EPS32, GRADIENT, MODEL, assert_f32_close
+from tolerances import EPS32, GRADIENT, MODEL, REORDERED, assert_f32_close
 
 import rlhf_jax as rj
 from rlhf_jax import models, ppo
@@ -505,8 +505,30 @@ def test_bad_config():
         ppo.PPOConfig(batch_size=10, num_mini_batches=4)
     with pytest.raises(ValueError, match="scalar score head"):
         ppo.PPOModels(policy=TINY, value=TINY, reward=TINY_RM)
-    with pytest.raises(ValueError, match="logprob_chunk_size=3 must divide"):
-        ppo.PPOConfig(batch_size=4, response_length=8, logprob_chunk_size=3)
+    with pytest.raises(ValueError, match="logprob_chunk_size must be >= 1"):
+        ppo.PPOConfig(batch_size=4, response_length=8, logprob_chunk_size=0)
+
+
+def test_entropy_is_computed_only_when_trained_or_logged():
+    """With `entropy_coef=0` and `log_entropy=False` the update computes no [B, T, V] softmax for
+    the entropy: fewer exponentials in the loss, no `policy/entropy_avg`, the same other metrics
+    (the default logs it, as TRL does)."""
+    config, pm, state, frozen, prompts, mask = tiny_setup(logprob_chunk_size=3)
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=pm))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    quiet = dataclasses.replace(config, log_entropy=False)
+    outputs, exps = {}, {}
+    for c in (config, quiet):
+        loss = functools.partial(ppo._loss, mb=exp, ptx=None, config=c, ppo_models=pm)
+        args = (state.policy_params, state.value_params)
+        exps[c.log_entropy] = str(jax.make_jaxpr(loss)(*args)).count(" exp ")
+        outputs[c.log_entropy] = jax.jit(loss)(*args)
+    assert exps[False] < exps[True]
+    (loss_on, aux_on), (loss_off, aux_off) = outputs[True], outputs[False]
+    assert "policy/entropy_avg" in aux_on and set(aux_on) - set(aux_off) == {"policy/entropy_avg"}
+    assert_f32_close(loss_off, loss_on, ulps=REORDERED)
+    assert_f32_close({k: aux_on[k] for k in aux_off}, aux_off, ulps=REORDERED, per_leaf=True)
 
 
 def test_rollout_sampling_filters():
@@ -612,3 +634,46 @@ def test_length_bucketed_update_equals_the_full_width_update():
     assert_f32_close(cut_state, full_state, ulps=GRADIENT)
     moved = full_state.policy_params["lm_head"]["kernel"] - state.policy_params["lm_head"]["kernel"]
     assert float(jnp.abs(moved).max()) > 1e-4  # the comparison is not vacuous
+
+
+def test_bfloat16_compute_updates_track_float32_and_bfloat16_params_are_refused():
+    """The memory/speed mode: float32 master params and AdamW moments, bfloat16 compute. At PPO's
+    default learning rate, three updates on one experience move (almost) every weight, by what
+    float32 compute moves it within 5% (relative L2; bfloat16 keeps 8 significant bits, ~0.4%
+    per rounding, compounded through the backward; Adam's first steps are near sign(g), so a few
+    weights with g ~ 0 may flip). Stored in bfloat16 the same steps would change ~4% of the
+    weights (half an ulp at |w| ~ 0.02 is 6e-5, 20x the step): `init_state` refuses that."""
+    config, pm, state, frozen, prompts, mask = tiny_setup(
+        learning_rate=3e-6, value_learning_rate=3e-6
+    )
+    exp, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=pm))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    b16 = lambda c: dataclasses.replace(c, dtype="bfloat16")  # noqa: E731
+    pm16 = ppo.PPOModels(policy=b16(TINY), value=b16(TINY_RM), reward=b16(TINY_RM))
+    s32 = s16 = state
+    for i in range(3):
+        s32, _ = jax.jit(functools.partial(ppo.update, config=config, ppo_models=pm))(
+            s32, exp, jax.random.key(i)
+        )
+        s16, _ = jax.jit(functools.partial(ppo.update, config=config, ppo_models=pm16))(
+            s16, exp, jax.random.key(i)
+        )
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    for name in ("policy_params", "value_params"):
+        assert {x.dtype for x in jax.tree.leaves(getattr(s16, name))} == {jnp.dtype("float32")}
+        start = flat(getattr(state, name))
+        step32, step16 = flat(getattr(s32, name)) - start, flat(getattr(s16, name)) - start
+        assert np.mean(step16 != 0) > 0.99, name
+        assert np.linalg.norm(step16 - step32) < 0.05 * np.linalg.norm(step32), name
+    to16 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.bfloat16), tree)  # noqa: E731
+    with pytest.raises(ValueError, match="policy params are bfloat16: optimiser steps"):
+        ppo.init_state(to16(frozen.ref), state.value_params, config)
+    with pytest.raises(ValueError, match="value params are bfloat16"):
+        ppo.init_state(frozen.ref, to16(state.value_params), config)
+    # Frozen models may be bfloat16: the rollout and experience run on a bfloat16 reference.
+    frozen16 = ppo.FrozenParams(ref=to16(frozen.ref), reward=to16(frozen.reward))
+    exp16, _ = jax.jit(functools.partial(ppo.make_experience, config=config, ppo_models=pm))(
+        state, frozen16, prompts, mask, jax.random.key(0)
+    )
+    assert np.isfinite(np.asarray(exp16.ref_logprobs)).all()

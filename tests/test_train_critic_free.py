@@ -135,6 +135,7 @@ def test_reward_model_algorithms_run(tiny, algo, key):
     root, paths, prompts = tiny
     run_dir = root / algo
     extra = [f"models.reward={paths['reward']}", f"{key}.total_iterations=2"]
+    extra += ["models.frozen_dtype=bfloat16"]  # bfloat16 reference and reward, float32 policy
     assert cli.main(["train", algo, *args(run_dir, paths, prompts, key, *extra)]) == 0
     records = iterations(run_dir)
     assert [r["iteration"] for r in records] == [1, 2], records

@@ -284,6 +284,8 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
 
 
 PTX = ("ppo.ptx_coef=0.5", f"ptx_data.path={DATA / 'pretrain.jsonl'}", "ptx_data.max_length=12")
+# ... with the reference and reward models stored in bfloat16 (the trained ones stay float32)
+PTX += ("models.frozen_dtype=bfloat16",)
 
 
 @pytest.mark.slow  # suite time (CI runs the slow set too)

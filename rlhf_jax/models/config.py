@@ -22,6 +22,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 ROPE_TYPES = ("linear", "dynamic", "llama3")
 # Full passes of models with at most this many layers run unrolled (`ModelConfig.scan_layers`).
 UNROLL_MAX_LAYERS = 4
+REMAT = ("none", "dots", "full")
 _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
     "dynamic": ("factor",),
@@ -107,7 +108,11 @@ class ModelConfig:
       head: "lm" (causal LM, `lm_head` unless tied) or "score" (sequence classification `score`).
       num_labels: outputs of the score head.
       dtype: compute dtype; softmax, norms and RoPE angles are float32. param_dtype: params.
-      remat: rematerialise each layer in the backward pass.
+      remat: what the backward pass recomputes of each layer: "dots" (default; keep the
+        weight-matmul outputs, recompute norms, RoPE, activations and the attention softmax:
+        about half the activation memory at no measured cost), "full" (recompute the layer from
+        its input: least memory) or "none" (keep every activation). True/False mean
+        "full"/"none".
       scan_layers: run a full pass's layers as one `nn.scan` (True) or unrolled (False); None
         (default) scans when `num_layers > UNROLL_MAX_LAYERS`. A scan keeps compile time flat in
         depth; unrolled, shallow models avoid the scan's per-layer slicing and stacking (10% of
@@ -145,7 +150,7 @@ class ModelConfig:
     num_labels: int = 1
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
+    remat: str = "dots"
     scan_layers: bool | None = None
     initializer_range: float = 0.02
     pad_token_id: int | None = None
@@ -166,6 +171,8 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
         if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if isinstance(self.remat, bool):  # true / false of configs written before the names
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         self._validate()
@@ -211,6 +218,8 @@ class ModelConfig:
                 dt = None
             if dt is None or not jnp.issubdtype(dt, jnp.floating):
                 fail(f"{name}={getattr(self, name)!r} is not a floating dtype name")
+        if self.remat not in REMAT:
+            fail(f"remat must be one of {REMAT} (or true / false), got {self.remat!r}")
         if self.positions == "rope":
             if not 0.0 < self.rotary_pct <= 1.0:
                 fail(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")

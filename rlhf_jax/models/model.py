@@ -103,7 +103,9 @@ class Dense(nn.Module):
     """`y = x @ kernel (+ bias)`, contracting the last `in_dims` axes of x.
 
     The kernel has shape `x.shape[-in_dims:] + features` and logical axes `axes`; the bias has
-    shape `features` and the trailing `len(features)` axis names.
+    shape `features` and the trailing `len(features)` axis names. Inputs and kernel are cast to
+    the compute dtype; `float32_out` (the LM and score heads) accumulates and returns float32, so
+    bfloat16 logits, values and scores are not rounded before the log-softmax or the loss.
     """
 
     config: ModelConfig
@@ -111,6 +113,7 @@ class Dense(nn.Module):
     axes: tuple[str | None, ...]
     use_bias: bool
     in_dims: int = 1
+    float32_out: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -129,7 +132,8 @@ class Dense(nn.Module):
         lead, contract = x.shape[: x.ndim - self.in_dims], kernel.shape[: self.in_dims]
         x_2d = x.astype(dtype).reshape(-1, int(np.prod(contract)))
         kernel_2d = kernel.astype(dtype).reshape(x_2d.shape[1], -1)
-        y = jnp.dot(x_2d, kernel_2d).reshape(lead + self.features)
+        out = _F32 if self.float32_out else None
+        y = jnp.dot(x_2d, kernel_2d, preferred_element_type=out).reshape(lead + self.features)
         if self.use_bias:
             bias_axes = self.axes[len(self.axes) - len(self.features) :]
             bias = self.param(
@@ -138,7 +142,7 @@ class Dense(nn.Module):
                 self.features,
                 c.params_dtype,
             )
-            y = y + bias.astype(dtype)
+            y = y + bias.astype(y.dtype)
         return y
 
 
@@ -337,11 +341,18 @@ class Block(nn.Module):
         return _constrain(h_BTD, "batch", "length", "act_embed"), kv
 
 
-def _remat_policy(config: ModelConfig):
-    """remat: recompute each layer in the backward pass. Otherwise keep only the outputs of the
-    weight matmuls for the backward and recompute the cheap elementwise work (norms, RoPE,
-    activations, attention softmax): half the activation memory at no measurable cost."""
-    return None if config.remat else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+def _remat(fn, config: ModelConfig, **kwargs):
+    """`fn` (a layer) under the config's rematerialisation (`ModelConfig.remat`): "full"
+    recomputes the whole layer in the backward pass; "dots" keeps only the outputs of the weight
+    matmuls and recomputes the cheap elementwise work (norms, RoPE, activations, attention
+    softmax): half the activation memory at no measurable cost; "none" keeps everything."""
+    if config.remat == "none":
+        return fn
+    policy = (
+        None if config.remat == "full" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    )
+    remat = nn.remat if isinstance(fn, type) else jax.checkpoint
+    return remat(fn, prevent_cse=False, policy=policy, **kwargs)
 
 
 def _full_pass_inputs(config: ModelConfig, positions_BT: jax.Array, mask_BT: jax.Array):
@@ -373,7 +384,7 @@ class Transformer(nn.Module):
                 param_dtype=c.params_dtype,
                 embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
             )
-        block = nn.remat(Block, prevent_cse=False, policy=_remat_policy(c))
+        block = _remat(Block, c)
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
@@ -384,9 +395,9 @@ class Transformer(nn.Module):
         )(c)
         self.final_norm = Norm(c, c.norm)
         if c.head == "lm" and not c.tie_embeddings:
-            self.lm_head = Dense(c, (c.vocab_size,), ("embed", "vocab"), False)
+            self.lm_head = Dense(c, (c.vocab_size,), ("embed", "vocab"), False, float32_out=True)
         if c.head == "score":
-            self.score = Dense(c, (c.num_labels,), ("embed", None), False)
+            self.score = Dense(c, (c.num_labels,), ("embed", None), False, float32_out=True)
 
     def embed_tokens(self, tokens_BT, positions_BT):
         # The lookup reads a table gathered along `embed` (sharded over the vocabulary only): the
@@ -417,10 +428,19 @@ class Transformer(nn.Module):
         c = self.config
         if c.head != "lm" and not c.tie_embeddings:
             raise ValueError("lm_logits needs head='lm' or tied embeddings; this is a score model")
-        logits = self.embed.attend(hidden_BTD) if c.tie_embeddings else self.lm_head(hidden_BTD)
+        if c.tie_embeddings:  # the embedding table as the head, float32 out like `lm_head`
+            table_VD = self.embed.embedding.astype(c.compute_dtype)
+            logits = lax.dot_general(
+                hidden_BTD.astype(c.compute_dtype),
+                table_VD,
+                (((hidden_BTD.ndim - 1,), (1,)), ((), ())),
+                preferred_element_type=_F32,
+            )
+        else:
+            logits = self.lm_head(hidden_BTD)
         if c.final_logit_softcap is not None:
             cap = c.final_logit_softcap
-            logits = (jnp.tanh(logits.astype(_F32) / cap) * cap).astype(logits.dtype)
+            logits = jnp.tanh(logits / cap) * cap
         return _constrain(logits, "batch", "length", "act_vocab")
 
     def scores(self, hidden_BTD):
@@ -580,9 +600,7 @@ def _unrolled_full_pass(
         variables = {"params": layer_params}
         return block.apply(variables, h_BTD, xs, rope, allowed, None, queries)[0]
 
-    layer = jax.checkpoint(
-        layer, policy=_remat_policy(config), prevent_cse=False, static_argnums=(2, 3)
-    )
+    layer = _remat(layer, config, static_argnums=(2, 3))
     for i in range(n):
         layer_params = jax.tree.map(
             lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list)
@@ -592,12 +610,14 @@ def _unrolled_full_pass(
 
 
 def lm_logits(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
-    """LM logits `[B, T, V]` in the compute dtype (tied embedding or `lm_head`)."""
+    """LM logits `[B, T, V]`, float32 whatever the compute dtype (tied embedding or `lm_head`,
+    computed in the compute dtype with float32 accumulation and output)."""
     return Transformer(config).apply({"params": params}, hidden_BTD, method=Transformer.logits)
 
 
 def score(params: Params, config: ModelConfig, hidden_BTD: jax.Array) -> jax.Array:
-    """Sequence-classification head `[B, T, num_labels]` (HF `score`, no bias) at every position."""
+    """Sequence-classification head `[B, T, num_labels]` (HF `score`, no bias) at every position,
+    float32 (computed in the compute dtype with float32 accumulation and output)."""
     return Transformer(config).apply({"params": params}, hidden_BTD, method=Transformer.scores)
 
 
