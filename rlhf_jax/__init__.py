@@ -37,7 +37,7 @@ from rlhf_jax.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from rlhf_jax.models import jit_forward, load_sharded, param_shardings, sharded_init_params
+from rlhf_jax.models import jit_forward, param_shardings, sharded_init_params
 from rlhf_jax.ops import (
     INVALID_LOGPROB,
     first_true_indices,
@@ -131,7 +131,6 @@ __all__ = [
     "jit_forward",
     "jit_generate",
     "jit_init_state",
-    "load_sharded",
     "local_batch_slice",
     "param_shardings",
     "ppo_shardings",

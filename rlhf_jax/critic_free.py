@@ -1,11 +1,11 @@
 """RLOO, GRPO and REINFORCE++: critic-free policy optimisation on the PPO core.
 
 No value model is built or kept. One iteration samples `k` completions for each of `num_prompts`
-prompts (prompt `n`'s completions at rows `n*k .. n*k + k - 1`: the prompts are repeated with
-`jnp.repeat`, so groups stay contiguous and a batch sharded over whole groups needs no
-communication for the baselines), scores them, computes advantages with a group baseline, and runs
-`epochs x num_mini_batches x gradient_accumulation_steps` clipped policy updates as nested
-`lax.scan`s with a fresh permutation per epoch:
+prompts (prompt `n`'s completions at rows `n*k .. n*k + k - 1`: each prompt is prefilled once and
+its KV cache repeated with `jnp.repeat`, so groups stay contiguous and a batch sharded over whole
+groups needs no communication for the baselines), scores them, computes advantages with a group
+baseline, and runs `epochs x num_mini_batches x gradient_accumulation_steps` clipped policy
+updates as nested `lax.scan`s with a fresh permutation per epoch:
 
     rollout (generate, reference log-probs when a KL is used, reward model when given)
       -> scores [B] (reward model in the jitted rollout, or Python functions on the host)
@@ -126,6 +126,7 @@ class RolloutSpec:
     recompute_old_logprobs: bool
     logprob_chunk_size: int | None
     needs_ref: bool
+    shared_prefill: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,9 +142,14 @@ class CriticFreeConfig(RLConfig):
 
     Attributes:
       num_prompts: prompts per iteration.
+      shared_prefill: prefill each distinct prompt once and repeat its KV cache to its
+        `group_size` completions (`generate(..., num_samples=group_size)`). False prefills the
+        `num_prompts * group_size` repeated prompts (the same samples for the same key; kept to
+        measure the difference, see `benchmarks/critic_free.py --repeat-prefill`).
     """
 
     num_prompts: int
+    shared_prefill: bool = True
 
     def __post_init__(self) -> None:
         if type(self) is CriticFreeConfig:
@@ -192,6 +198,7 @@ class CriticFreeConfig(RLConfig):
             recompute_old_logprobs=self.recompute_old_logprobs,
             logprob_chunk_size=self.logprob_chunk_size,
             needs_ref=core.needs_ref,
+            shared_prefill=self.shared_prefill,
         )
 
     def kl_controller(self) -> KLController:
@@ -557,7 +564,8 @@ def rollout(
     cf_models: CriticFreeModels,
 ) -> GroupRollout:
     """Samples `group_size` completions per prompt and runs the reference (only when a KL term is
-    used) and the reward model (only when `cf_models.reward` is set).
+    used) and the reward model (only when `cf_models.reward` is set). Each prompt is prefilled
+    once and its KV cache repeated to its completions (`CriticFreeConfig.shared_prefill`).
 
     Args:
       prompts_NP, prompt_mask_NP: `[num_prompts, P]` left-padded prompts and their mask.
@@ -607,10 +615,21 @@ def rollout_from_spec(
         )
     if cf_models.reward is not None and frozen.reward is None:
         raise ValueError("cf_models.reward is set but frozen.reward is None; pass its parameters")
-    prompts_BP = jnp.repeat(prompts_NP, spec.group_size, axis=0)
-    prompt_mask_BP = jnp.repeat(prompt_mask_NP, spec.group_size, axis=0)
+    k = spec.group_size
+    prompts_BP = jnp.repeat(prompts_NP, k, axis=0)
+    prompt_mask_BP = jnp.repeat(prompt_mask_NP, k, axis=0)
+    if spec.shared_prefill:  # one prefill per prompt, its cache repeated to the k rows
+        prompts_in, mask_in, num_samples = prompts_NP, prompt_mask_NP, k
+    else:
+        prompts_in, mask_in, num_samples = prompts_BP, prompt_mask_BP, 1
     gen = generate(
-        state.policy_params, cf_models.policy, prompts_BP, prompt_mask_BP, key, spec.sampling
+        state.policy_params,
+        cf_models.policy,
+        prompts_in,
+        mask_in,
+        key,
+        spec.sampling,
+        num_samples=num_samples,
     )
     common = (prompts_BP, prompt_mask_BP, gen.tokens, gen.mask)
     logprob_kwargs = dict(temperature=spec.sampling.temperature, chunk_size=spec.logprob_chunk_size)
@@ -874,6 +893,7 @@ def update(
     tx = config.optimizer()
     n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    param_specs = models.logical_axes(cf_models.policy)
     mask_f = exp.mask.astype(jnp.float32)
 
     def minibatch_step(state: CriticFreeState, inputs):
@@ -885,13 +905,16 @@ def update(
 
         def micro_grads(inputs):
             idx_U, scale = inputs
-            mb = jax.tree.map(lambda x: x[idx_U], exp)
+            # Rows picked through a global permutation: split them over the mesh like the batch.
+            mb = sh.constrain_batch(jax.tree.map(lambda x: x[idx_U], exp))
             (loss, aux), grads = grad_fn(
                 state.policy_params, mb, scale, config=config, cf_models=cf_models
             )
             return grads, {**aux, "loss/total": loss}
 
-        grads, aux = accumulate_grads(micro_grads, state.policy_params, (idx_AU, scales_A), n_acc)
+        grads, aux = accumulate_grads(
+            micro_grads, state.policy_params, (idx_AU, scales_A), n_acc, param_specs=param_specs
+        )
         [(params, opt_state)], ok, [norm] = apply_if_finite(
             [(tx, grads, state.opt_state, state.policy_params)], aux["loss/total"]
         )
@@ -945,9 +968,17 @@ def finish_with_scores(
     cf_models: CriticFreeModels,
 ) -> tuple[CriticFreeState, dict[str, jax.Array]]:
     """`build_experience` + `finish_iteration` for scores computed outside (host functions).
-    `key` is the update key: `jax.random.split(iteration_key)[1]`, as `iteration` uses it."""
+    `key` is the update key: `jax.random.split(iteration_key)[1]`, as `iteration` uses it.
+    Adds `perf/padded_fraction`: the fraction of the `[B, T]` response positions of `roll`
+    (T: its width, the length bucket in `make_host_iteration`) that are padding."""
     exp, exp_metrics = build_experience(roll, scores_B, state.kl.kl_coef, config=config)
-    return finish_iteration(state, exp, exp_metrics, key, config=config, cf_models=cf_models)
+    state, metrics = finish_iteration(
+        state, exp, exp_metrics, key, config=config, cf_models=cf_models
+    )
+    # Response positions the update pays for but that hold padding (the width is the length
+    # bucket in `make_host_iteration`, `response_length` in `iteration`).
+    metrics["perf/padded_fraction"] = 1.0 - jnp.mean(roll.generation.mask.astype(jnp.float32))
+    return state, metrics
 
 
 def iteration(

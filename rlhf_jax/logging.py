@@ -83,10 +83,20 @@ class IterationClock:
     def __init__(self) -> None:
         self._compile0 = compile_seconds()
         self._start = time.perf_counter()
+        self._stopped: tuple[float, float] | None = None
+
+    def stop(self) -> None:
+        """Ends the iteration now (the first call counts): `timings` then measure up to here.
+        Loops that log an iteration only after dispatching the next one (so the device never
+        waits for the host) stop its clock when the next iteration starts: `iteration_seconds`
+        is then the time between iteration starts, and they add up to the run's wall time."""
+        if self._stopped is None:
+            self._stopped = (time.perf_counter(), compile_seconds())
 
     def timings(self, tokens: float | None = None) -> dict[str, float]:
-        seconds = time.perf_counter() - self._start
-        compiling = compile_seconds() - self._compile0
+        now, compiled = self._stopped or (time.perf_counter(), compile_seconds())
+        seconds = now - self._start
+        compiling = compiled - self._compile0
         out = {"iteration_seconds": seconds}
         if compiling > 0:
             out["compile_seconds"] = compiling

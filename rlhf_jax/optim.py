@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rlhf_jax import sharding as sh
+
 Decay = Literal["linear", "cosine"]
 DECAYS = ("linear", "cosine")
 
@@ -188,19 +190,35 @@ def accumulate_grads(
     params: Any,
     micro_inputs: Any,
     n_micro: int,
+    *,
+    param_specs: Any = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """Mean gradients over `n_micro` micro-batches (the leading axis of `micro_inputs`) and the
     mean of their aux metrics. `grad_fn(one_micro_batch) -> (grads, aux)`; `params` gives the
     gradients' structure. One micro-batch calls it directly (no accumulation buffers), more run
-    as a `lax.scan` that adds `grads / n_micro`."""
+    as a `lax.scan` that adds `grads / n_micro`.
+
+    `param_specs`: the logical `PartitionSpec`s of `params` (e.g. `models.logical_axes(config)`).
+    Traced on a mesh (`sharding.with_rules`), each micro-batch's gradients and the accumulator
+    are constrained to the params' shardings (`sharding.constrain`), as levanter's `grad_accum`
+    does: the carry then holds each device's shard of the float32 gradient instead of a full
+    copy, and the gradients are reduce-scattered, not all-reduced. Without a mesh (or with
+    None) nothing changes.
+    """
+
+    def constrain(grads: Any) -> Any:
+        return grads if param_specs is None else sh.constrain(grads, param_specs)
+
     if n_micro == 1:
-        return grad_fn(jax.tree.map(lambda x: x[0], micro_inputs))
+        grads, aux = grad_fn(jax.tree.map(lambda x: x[0], micro_inputs))
+        return constrain(grads), aux
 
     def step(acc, inputs):
         grads, aux = grad_fn(inputs)
-        return jax.tree.map(lambda a, g: a + g / n_micro, acc, grads), aux
+        grads = constrain(grads)
+        return constrain(jax.tree.map(lambda a, g: a + g / n_micro, acc, grads)), aux
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = constrain(jax.tree.map(jnp.zeros_like, params))
     grads, aux = jax.lax.scan(step, zeros, micro_inputs)
     return grads, jax.tree.map(jnp.mean, aux)
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from rlhf_jax import models
@@ -686,6 +687,15 @@ def _loss(
     return loss, aux
 
 
+def param_logical_axes(ppo_models: PPOModels) -> tuple[Params, Params]:
+    """Logical `PartitionSpec`s of `(PPOState.policy_params, PPOState.value_params)` (the value
+    model's, or only the shared value head's)."""
+    value = models.logical_axes(ppo_models.value_head)
+    if ppo_models.shared_value_head:
+        value = {"score": value["score"]}
+    return models.logical_axes(ppo_models.policy), value
+
+
 def update(
     state: PPOState,
     exp: Experience,
@@ -704,6 +714,7 @@ def update(
     policy_tx, value_tx = optimizers(config)
     n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True)
+    param_specs = param_logical_axes(ppo_models)
     if ptx is not None:
         n = ptx.tokens.shape[0]
         if n % (n_mb * n_acc):
@@ -716,7 +727,9 @@ def update(
     def minibatch_step(state: PPOState, inputs):
         def micro_grads(micro_inputs):
             idx_U, ptx_micro = micro_inputs
-            mb = jax.tree.map(lambda x: x[idx_U], exp)
+            # Rows picked through a global permutation: split them over the mesh like the batch.
+            mb = sh.constrain_batch(jax.tree.map(lambda x: x[idx_U], exp))
+            ptx_micro = sh.constrain_batch(ptx_micro)
             (loss, aux), grads = grad_fn(
                 state.policy_params,
                 state.value_params,
@@ -729,7 +742,9 @@ def update(
             return grads, {**aux, "loss/total": loss}
 
         params = (state.policy_params, state.value_params)
-        (policy_grads, value_grads), aux = accumulate_grads(micro_grads, params, inputs, n_acc)
+        (policy_grads, value_grads), aux = accumulate_grads(
+            micro_grads, params, inputs, n_acc, param_specs=param_specs
+        )
         updated, ok, (policy_norm, value_norm) = apply_if_finite(
             [
                 (policy_tx, policy_grads, state.policy_opt_state, state.policy_params),
@@ -879,7 +894,7 @@ def check_finite(metrics: dict[str, Any], iteration: int) -> None:
     gradients were not finite (updates with non-finite gradients were already skipped)."""
     bad = {k: float(v) for k, v in metrics.items() if k.startswith("nonfinite/") and float(v) > 0}
     for name in ("loss/policy_avg", "loss/value_avg", "objective/scores"):
-        if name in metrics and not jnp.isfinite(metrics[name]):
+        if name in metrics and not np.isfinite(metrics[name]):  # host values: no device work
             bad[name] = float(metrics[name])
     if bad:
         described = ", ".join(f"{k}={v:g}" for k, v in sorted(bad.items()))

@@ -73,7 +73,11 @@ def make_rm_step(model_config: models.ModelConfig, config: TrainConfig, *, beta_
             "beta_rm > 0 adds an LM loss, which needs the reward model's token embeddings to be "
             "tied to its output (tie_embeddings=True); set beta_rm=0 for this model"
         )
-    return make_train_step(lambda p, b: rm_loss(p, model_config, b, beta_rm=beta_rm), config)
+    return make_train_step(
+        lambda p, b: rm_loss(p, model_config, b, beta_rm=beta_rm),
+        config,
+        param_specs=models.logical_axes(model_config),
+    )
 
 
 def reward_init_from_policy(

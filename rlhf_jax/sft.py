@@ -16,9 +16,17 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import models
+from rlhf_jax import sharding as sh
 from rlhf_jax.logprobs import logprobs_from_hidden
 from rlhf_jax.ops import masked_mean
-from rlhf_jax.optim import Decay, adamw, check_schedule, check_trainable, lr_schedule
+from rlhf_jax.optim import (
+    Decay,
+    accumulate_grads,
+    adamw,
+    check_schedule,
+    check_trainable,
+    lr_schedule,
+)
 from rlhf_jax.sampling import prompt_positions
 
 Params = Any
@@ -93,11 +101,15 @@ LossFn = Callable[[Params, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(
-    loss_fn: LossFn, config: TrainConfig
+    loss_fn: LossFn, config: TrainConfig, *, param_specs: Params | None = None
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`: gradient accumulation over the leading batch
-    axis by `lax.scan`, one AdamW update. `loss_fn(params, micro_batch) -> (loss, aux)`.
-    Jit the result (donate the state)."""
+    axis (`optim.accumulate_grads`), one AdamW update. `loss_fn(params, micro_batch) ->
+    (loss, aux)`. Jit the result (donate the state); `jit_train_step` does, on a mesh.
+
+    `param_specs`: the params' logical `PartitionSpec`s (`models.logical_axes`). Traced on a
+    mesh, the gradient accumulator is sharded like the params and each micro-batch is split over
+    `("data", "fsdp")` like the batch (see `optim.accumulate_grads`)."""
     tx = config.optimizer()
     n_acc = config.gradient_accumulation_steps
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -109,20 +121,78 @@ def make_train_step(
                 f"batch of {leading} rows does not divide into {n_acc} accumulation steps"
             )
         micro = jax.tree.map(lambda x: x.reshape(n_acc, leading // n_acc, *x.shape[1:]), batch)
+        micro = sh.constrain_batch(micro, axis=1)
 
-        def accumulate(grads, mb):
-            (loss, aux), g = grad_fn(state.params, mb)
-            return jax.tree.map(lambda a, b: a + b / n_acc, grads, g), {**aux, "loss": loss}
+        def micro_grads(mb: Any) -> tuple[Params, dict[str, jax.Array]]:
+            (loss, aux), grads = grad_fn(state.params, mb)
+            return grads, {**aux, "loss": loss}
 
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, aux = jax.lax.scan(accumulate, zeros, micro)
+        grads, metrics = accumulate_grads(
+            micro_grads, state.params, micro, n_acc, param_specs=param_specs
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        metrics = jax.tree.map(jnp.mean, aux)
         metrics["grad_norm"] = optax.tree.norm(grads)
         new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
         return new, metrics
 
     return step
+
+
+def train_state_shardings(
+    model_config: models.ModelConfig,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh,
+    rules: sh.Rules | None = None,
+) -> TrainState:
+    """Where a `TrainState` of a `model_config` model lives on `mesh` (shapes only): the params
+    by the model's logical axes (`models.param_shardings`, as the RL trainers place them), the
+    AdamW moments mirroring them (`sharding.optimizer_state_shardings`), the step replicated."""
+    params = models.param_shardings(model_config, mesh, rules)
+    abstract_params = jax.eval_shape(models.init_params, model_config, jax.random.key(0))
+    abstract = jax.eval_shape(lambda p: init_train_state(p, config), abstract_params)
+    opt_state = sh.optimizer_state_shardings(abstract.opt_state, params, mesh)
+    return TrainState(params, opt_state, sh.replicated(mesh))
+
+
+def jit_init_train_state(
+    model_config: models.ModelConfig,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sh.Rules | None = None,
+) -> Callable[[Params], TrainState]:
+    """`init_train_state` jitted: `fn(params) -> TrainState`. With a `mesh` the params are
+    expected with, and the state is born with, the shardings of `train_state_shardings`."""
+    fn = lambda params: init_train_state(params, config)  # noqa: E731
+    if mesh is None:
+        return sh.jit_with_rules(fn, None, rules)
+    s = train_state_shardings(model_config, config, mesh, rules)
+    return sh.jit_with_rules(fn, mesh, rules, in_shardings=(s.params,), out_shardings=s)
+
+
+def jit_train_step(
+    step: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+    model_config: models.ModelConfig,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sh.Rules | None = None,
+) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
+    """A `make_sft_step` / `make_rm_step` step jitted with the state donated. With a `mesh`
+    (the RL trainers' `mesh` section) the state keeps `train_state_shardings`, the batch's `[B, S]`
+    arrays are split over `("data", "fsdp")` (`sharding.place_batch`; B divisible by data x fsdp),
+    the metrics are replicated, and the step is traced inside `sharding.with_rules`, so the
+    models' activation constraints and the step's own (accumulator like the params, micro-batches
+    like the batch) apply."""
+    if mesh is None:
+        return sh.jit_with_rules(step, None, rules, donate_argnums=(0,))
+    s = train_state_shardings(model_config, config, mesh, rules)
+    return sh.jit_with_rules(
+        step,
+        mesh,
+        rules,
+        in_shardings=(s, sh.batch_sharding(mesh, 2)),
+        out_shardings=(s, sh.replicated(mesh)),
+        donate_argnums=(0,),
+    )
 
 
 class SFTBatch(NamedTuple):
@@ -153,4 +223,8 @@ def sft_loss(
 
 def make_sft_step(model_config: models.ModelConfig, config: TrainConfig):
     """The SFT `step(state, SFTBatch) -> (state, metrics)`; jit it."""
-    return make_train_step(lambda p, b: sft_loss(p, model_config, b), config)
+    return make_train_step(
+        lambda p, b: sft_loss(p, model_config, b),
+        config,
+        param_specs=models.logical_axes(model_config),
+    )

@@ -50,6 +50,8 @@ __all__ = [
     "Rules",
     "batch_axes",
     "batch_sharding",
+    "constrain",
+    "constrain_batch",
     "initialize_distributed",
     "is_main_process",
     "jit_with_rules",
@@ -347,11 +349,14 @@ def shard_params(
 ) -> Any:
     """Place an existing host pytree (e.g. NumPy arrays loaded from a checkpoint) on ``mesh``.
 
-    Each leaf goes through ``jax.make_array_from_callback``: every addressable device receives
-    only its own slice, so the full model is never materialised on one device. In a
-    multi-process run every process passes the same (host, possibly memory-mapped) pytree and
-    only reads the slices its devices need. ``dtype`` optionally casts each slice on the host
-    (e.g. to ``jnp.bfloat16``). Returns a pytree of ``jax.Array`` with the same structure.
+    Each leaf is placed device by device: every addressable device receives only its own slice
+    (``x[index]``, which for a lazy leaf such as :class:`rlhf_jax.models.hf.LazyLeaf` reads and
+    converts only that slice), and the host holds one slice at a time (devices with the same
+    slice share one read). So the full model is never materialised on one device, nor on the
+    host beyond what the leaves themselves hold. In a multi-process run every process passes
+    the same (host, possibly lazy) pytree and only reads the slices its devices need. ``dtype``
+    optionally casts each slice on the host (e.g. to ``jnp.bfloat16``). Returns a pytree of
+    ``jax.Array`` with the same structure.
     """
     params = _unbox(params)
     shardings = logical_to_sharding(logical_specs, params, mesh, rules)
@@ -359,12 +364,20 @@ def shard_params(
     def place(x: Any, sharding: NamedSharding) -> jax.Array:
         if not (hasattr(x, "shape") and hasattr(x, "dtype")):
             x = np.asarray(x)
+        shape = tuple(x.shape)
         out_dtype = jax.dtypes.canonicalize_dtype(x.dtype if dtype is None else dtype)
-
-        def slice_fn(index: Any) -> np.ndarray:
-            return np.asarray(x[index], dtype=out_dtype)
-
-        return jax.make_array_from_callback(np.shape(x), sharding, slice_fn, dtype=out_dtype)
+        by_index: dict[tuple, tuple[Any, list[Any]]] = {}
+        for device, index in sharding.addressable_devices_indices_map(shape).items():
+            key = tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+            by_index.setdefault(key, (index, []))[1].append(device)
+        arrays = []
+        for index, devices in by_index.values():
+            host = np.asarray(x[index], dtype=out_dtype)
+            placed = [jax.device_put(host, d) for d in devices]
+            jax.block_until_ready(placed)  # a transfer in flight keeps `host` alive
+            arrays += placed
+            del host
+        return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
     return jax.tree.map(place, params, shardings)
 
@@ -606,6 +619,75 @@ def jit_with_rules(
             raise ValueError("jit_with_rules: rules were given without a mesh; pass mesh= too")
         return jax.jit(fn, **jit_kwargs)
     return MeshJit(fn, mesh, rules, **jit_kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Constraints inside steps
+# --------------------------------------------------------------------------------------------
+
+
+def _current_mesh_and_rules() -> tuple[Any, Rules] | None:
+    """The mesh and logical-axis rules of the enclosing :func:`with_rules` (or ``jax.set_mesh``:
+    then ``DEFAULT_RULES``); None outside any mesh context."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    rules = tuple(nn.get_logical_axis_rules()) or DEFAULT_RULES
+    return mesh, rules
+
+
+def constrain(tree: Any, logical_specs: Any) -> Any:
+    """``tree`` with every leaf constrained (``jax.lax.with_sharding_constraint``) to the mesh
+    spec its logical spec gives on the current mesh, with the replicate-on-non-divisible fallback
+    of :func:`logical_to_mesh_spec`: a tree constrained by a model's parameter axes
+    (``models.logical_axes``) gets exactly the parameters' shardings (``param_shardings``).
+
+    Use it inside steps for what propagation gets wrong, e.g. a gradient accumulator carried
+    through a ``lax.scan`` (like the params, not a full copy per device). It takes effect when
+    traced inside :func:`with_rules` (a :class:`MeshJit`, or a ``jax.jit`` first called in that
+    context); without a mesh context it returns ``tree`` unchanged, so the same function runs on
+    one device. ``logical_specs`` is a pytree prefix of ``tree`` with ``PartitionSpec`` (or None)
+    leaves.
+    """
+    context = _current_mesh_and_rules()
+    if context is None:
+        return tree
+    mesh, rules = context
+
+    def one(spec: Any, subtree: Any) -> Any:
+        def leaf(x: Any) -> Any:
+            mesh_spec = logical_to_mesh_spec(spec, _shape(x), mesh, rules)
+            return jax.lax.with_sharding_constraint(x, mesh_spec)
+
+        return jax.tree.map(leaf, subtree)
+
+    return jax.tree.map(one, logical_specs, tree, is_leaf=_is_spec_leaf)
+
+
+def constrain_batch(tree: Any, axis: int = 0) -> Any:
+    """``tree`` with dimension ``axis`` of every leaf split like a batch (over the mesh axes of
+    the logical ``"batch"`` rule, ``("data", "fsdp")`` by default), the other dimensions
+    replicated; see :func:`constrain` for when it applies. For micro-batches gathered from a
+    batch (rows picked by a global permutation), so each device computes on its share of rows.
+    As for the models' activation constraints there is no divisibility fallback: XLA pads a
+    dimension the axes do not divide (a micro-batch of 4 rows on 8 devices), which costs less
+    than every device computing every row."""
+    context = _current_mesh_and_rules()
+    if context is None:
+        return tree
+    mesh, rules = context
+    rule_map: dict[str, MeshAxes] = {}
+    for name, axes in rules:
+        rule_map.setdefault(name, axes)
+    axes = tuple(a for a in _as_tuple(rule_map.get("batch")) if a in mesh.shape)
+    spec = PartitionSpec(*([None] * axis), axes or None)
+
+    def leaf(x: Any) -> Any:
+        if np.ndim(x) <= axis:
+            return x
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(leaf, tree)
 
 
 # --------------------------------------------------------------------------------------------

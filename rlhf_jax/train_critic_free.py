@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 
@@ -31,6 +32,7 @@ from rlhf_jax.trainer import (
     TrainResult,
     checkpoint_due,
     enable_compilation_cache,
+    fetch_metrics,
     frozen_params,
     load_params,
     open_checkpointer,
@@ -38,6 +40,15 @@ from rlhf_jax.trainer import (
     resolve_model_path,
     to_host,
 )
+
+
+class _Dispatched(NamedTuple):
+    """An iteration whose step has been dispatched: its device metrics (and host ones) and its
+    clock."""
+
+    iteration: int
+    out: dict[str, Any]
+    clock: IterationClock
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -203,9 +214,25 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     metrics: dict[str, float] = {}
     status = "finished" if end == total else "stopped"
     iteration = start
+
+    def log(done: _Dispatched) -> dict[str, float]:
+        """Fetches, checks and logs a dispatched iteration's metrics."""
+        metrics = fetch_metrics(done.out)
+        check_finite(metrics, done.iteration)
+        tokens = metrics.get("response/length_mean", 0.0) * algo.batch_size
+        logger.log(done.iteration, metrics, timings=done.clock.timings(tokens))
+        return metrics
+
+    # An iteration's metrics are fetched and logged after the next iteration has been dispatched
+    # (the device never waits for the host), except where the iteration is saved: the next
+    # iteration donates the state, so a checkpoint (scheduled, or on SIGINT/SIGTERM) is written
+    # first, as are the metrics it depends on (nothing non-finite is saved).
+    pending: _Dispatched | None = None
     try:
         with StopRequest() as stop:
             while iteration < end:
+                if pending is not None:
+                    pending.clock.stop()
                 clock = IterationClock()
                 rows, position = data.batch_indices(
                     len(dataset),
@@ -224,23 +251,28 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                     else:
                         state, out = step(*args)
                 iteration += 1
-                check_finite(out, iteration)
                 if iteration == start + 1:  # compiled now
                     release_host_memory()
-                metrics = {k: float(v) for k, v in out.items()}
-                tokens = metrics.get("response/length_mean", 0.0) * algo.batch_size
-                logger.log(iteration, metrics, timings=clock.timings(tokens))
+                if pending is not None:
+                    metrics = log(pending)
+                    pending = None
+                current = _Dispatched(iteration, out, clock)
                 stopping = stop.requested()  # once: all processes must see the same answer
-                if stopping or checkpoint_due(iteration, end, config.checkpoint.every):
-                    checkpointer.save(
-                        iteration,
-                        {"state": state, "rng": {"key": jax.random.key_data(key)}},
-                        {"data_position": list(position)},
-                    )
+                if not (stopping or checkpoint_due(iteration, end, config.checkpoint.every)):
+                    pending = current
+                    continue
+                metrics = log(current)
+                checkpointer.save(
+                    iteration,
+                    {"state": state, "rng": {"key": jax.random.key_data(key)}},
+                    {"data_position": list(position)},
+                )
                 if stopping:
                     status = "interrupted"
                     logger.message(stop.stopped_message(iteration))
                     break
+            if pending is not None:  # (the last iteration is always saved, so logged above)
+                metrics = log(pending)
         checkpointer.wait()
         if status == "finished":
             policy_params = to_host(state.policy_params)  # every process takes part

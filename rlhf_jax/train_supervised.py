@@ -27,8 +27,20 @@ from rlhf_jax.reward_model import (
     pair_scores,
     reward_init_from_policy,
 )
-from rlhf_jax.sft import SFTBatch, TrainConfig, init_train_state, make_sft_step
-from rlhf_jax.trainer import TrainResult, open_checkpointer
+from rlhf_jax.sft import (
+    SFTBatch,
+    TrainConfig,
+    jit_init_train_state,
+    jit_train_step,
+    make_sft_step,
+)
+from rlhf_jax.trainer import (
+    TrainResult,
+    check_batch_mesh,
+    fetch_metrics,
+    open_checkpointer,
+    to_host,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,6 +94,8 @@ class SupervisedRunConfig:
         0 where the architecture allows), as lm-human-preferences does.
       eval_every: evaluate on the held-out rows every N steps (and at the end).
       dtype: compute dtype; the trained params and AdamW moments stay float32.
+      mesh: the device mesh, as in `train ppo`: params and AdamW moments sharded by the model's
+        logical axes, batches split over data x fsdp (`batch_size` must divide by them).
     """
 
     run_dir: str
@@ -98,6 +112,7 @@ class SupervisedRunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     logging: cfg.LoggingConfig = dataclasses.field(default_factory=cfg.LoggingConfig)
     checkpoint: cfg.CheckpointConfig = dataclasses.field(default_factory=cfg.CheckpointConfig)
+    mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_every < 1:
@@ -173,8 +188,12 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     if not (model_path / "config.json").exists():
         raise cfg.ConfigError(f"model: {config.model!r} is not a local HF model directory")
     tokenizer = data.load_tokenizer(config.tokenizer, config.model)
-    # float32 master params (`optim.check_trainable`), computing in `config.dtype`
-    params, model_config = models.hf.load(model_path, allow_pickle=config.allow_pickle)
+    devices = jax.devices()
+    data_size, fsdp, _ = check_batch_mesh(config.mesh, devices, config.batch_size, "batch_size")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    # float32 master params (`optim.check_trainable`), computing in `config.dtype`; loaded shard
+    # by shard onto the mesh, as `train ppo` loads its models
+    params, model_config = models.load(model_path, allow_pickle=config.allow_pickle, mesh=mesh)
     model_config = dataclasses.replace(model_config, dtype=config.dtype)
     if len(tokenizer) > model_config.vocab_size:
         raise cfg.ConfigError(
@@ -235,8 +254,11 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
         if kind == "sft"
         else make_rm_step(model_config, config.train, beta_rm=config.beta_rm)
     )
-    step_fn = jax.jit(step_fn, donate_argnums=0)
-    state = init_train_state(params, config.train)
+    step_fn = jit_train_step(step_fn, model_config, config.train, mesh)
+    # A reward model made from a policy has a fresh score head: place every param by the rules.
+    params = jax.device_put(params, models.param_shardings(model_config, mesh))
+    state = jit_init_train_state(model_config, config.train, mesh)(params)
+    del params
     position = data.DataPosition()
     main = sharding.is_main_process()
     checkpointer = open_checkpointer(run_dir, config.checkpoint, resume, unit="step")
@@ -258,7 +280,16 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
         f"{kind}: {len(train_rows)} training / {len(eval_rows)} held-out rows "
         f"({counts['truncated']} truncated, {counts['dropped']} dropped)"
     )
-    eval_fn = jax.jit(_eval_fn(kind, model_config, config.beta_rm))
+    eval_fn = sharding.jit_with_rules(_eval_fn(kind, model_config, config.beta_rm), mesh)
+    local = sharding.local_batch_slice(mesh, config.batch_size)
+
+    def place(rows: np.ndarray, local_rows: slice | None):
+        """The batch of `rows` on the mesh: split over data x fsdp (each process passes its
+        `local_rows`), or replicated when None (an eval remainder the mesh does not divide)."""
+        batch = batch_at(rows)
+        if local_rows is None:
+            return sharding.place_replicated(batch, mesh)
+        return sharding.place_batch(jax.tree.map(lambda x: x[local_rows], batch), mesh)
 
     def evaluate() -> dict[str, float]:
         if not len(eval_rows):
@@ -269,29 +300,51 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             for i in range(0, len(eval_rows), config.batch_size)
         ]
         for rows in chunks:
-            for k, v in eval_fn(state.params, batch_at(rows)).items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
+            divides = len(rows) % (data_size * fsdp) == 0
+            local_rows = sharding.local_batch_slice(mesh, len(rows)) if divides else None
+            for k, v in fetch_metrics(eval_fn(state.params, place(rows, local_rows))).items():
+                sums[k] = sums.get(k, 0.0) + v * len(rows)
         return {f"eval/{k}": v / len(eval_rows) for k, v in sums.items()}
 
+    def fetch(step: int, out: dict[str, jax.Array]) -> dict[str, float]:
+        metrics = fetch_metrics(out)
+        if not np.all(np.isfinite(list(metrics.values()))):
+            raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; nothing saved")
+        return metrics
+
+    # A step's metrics are fetched and logged after the next step has been dispatched (the
+    # device never waits for the host), except at steps that evaluate or save: those need the
+    # step's state before the next step donates it.
     metrics: dict[str, float] = {}
+    pending: tuple[int, dict[str, jax.Array], IterationClock] | None = None
     for step in range(start + 1, total + 1):
+        if pending is not None:
+            pending[2].stop()
         clock = IterationClock()
         rows, position = data.batch_indices(
             len(train_rows), config.batch_size, position, seed=config.seed, shuffle=d.shuffle
         )
-        state, out = step_fn(state, batch_at(train_rows[rows]))
-        metrics = {k: float(v) for k, v in out.items()}
+        state, out = step_fn(state, place(train_rows[rows], local))
         if step == start + 1:  # compiled now
             release_host_memory()
-        if not np.all(np.isfinite(list(metrics.values()))):
-            raise FloatingPointError(f"step {step}: non-finite metrics {metrics}; nothing saved")
-        if step % config.eval_every == 0 or step == total:
+        if pending is not None:
+            previous, previous_out, previous_clock = pending
+            metrics = fetch(previous, previous_out)
+            logger.log(previous, metrics, timings=previous_clock.timings())
+            pending = None
+        evaluating = step % config.eval_every == 0 or step == total
+        saving = (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total
+        if not (evaluating or saving):
+            pending = (step, out, clock)
+            continue
+        metrics = fetch(step, out)
+        if evaluating:
             metrics |= evaluate()
         logger.log(step, metrics, timings=clock.timings())
-        if (config.checkpoint.every and step % config.checkpoint.every == 0) or step == total:
+        if saving:
             checkpointer.save(step, {"state": state}, {"data_position": list(position)})
     checkpointer.close()
-    params = state.params
+    params = to_host(state.params)  # every process takes part
     summary = {k: v for k, v in metrics.items()}
     if kind == "rm" and config.normalize and len(eval_rows):
         scores = [np.asarray(pair_scores(params, model_config, batch_at(eval_rows))[0])]

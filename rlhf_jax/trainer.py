@@ -197,14 +197,16 @@ def frozen_params(params: Params | None, dtype: str | None) -> Params | None:
 
 def load_params(path: Path, config: models.ModelConfig, mesh, allow_pickle: bool) -> Params:
     """Weights of `path` in `config.param_dtype`, loaded shard by shard onto the mesh."""
-    params, _ = models.load_sharded(path, mesh, dtype=config.param_dtype, allow_pickle=allow_pickle)
+    params, _ = models.load(path, dtype=config.param_dtype, allow_pickle=allow_pickle, mesh=mesh)
     return params
 
 
 # ----------------------------------------------------------------------------------- programs
 
 
-class _Programs(NamedTuple):
+class IterationPrograms(NamedTuple):
+    """The trainer's jitted PPO programs (`iteration_programs`) and its state's layout."""
+
     state_shardings: ppo.PPOState
     abstract_state: ppo.PPOState
     init: Callable[..., ppo.PPOState]
@@ -214,7 +216,9 @@ class _Programs(NamedTuple):
 
 
 @functools.cache
-def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Programs:
+def iteration_programs(
+    ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh
+) -> IterationPrograms:
     """The jitted pieces of an iteration (cached: runs with the same configs and mesh share
     them, whatever their reward). Together they compute exactly `ppo.ppo_iteration`:
 
@@ -256,7 +260,7 @@ def _programs(ppo_config: ppo.PPOConfig, ppo_models: ppo.PPOModels, mesh) -> _Pr
         metrics["perf/padded_fraction"] = 1.0 - jnp.mean(mask.astype(jnp.float32))
         return state, metrics
 
-    return _Programs(
+    return IterationPrograms(
         state_sh,
         abstract,
         jax.jit(init_fn, out_shardings=state_sh),
@@ -275,6 +279,17 @@ def to_host(tree: Any) -> Any:
 
         return multihost_utils.process_allgather(tree, tiled=True)
     return jax.device_get(tree)
+
+
+def fetch_metrics(device_metrics: Mapping[str, Any]) -> dict[str, float]:
+    """An iteration's metrics as host floats, its device arrays fetched as one tree (`to_host`:
+    one device-to-host transfer, not one `float()` per key; host numbers such as a reward
+    function's metrics are taken as they are). The training loops call it after
+    dispatching the next iteration where they can, so the device is never idle while the host
+    waits for, logs and checks the metrics."""
+    arrays = {k: v for k, v in device_metrics.items() if isinstance(v, jax.Array)}
+    fetched = to_host(arrays)
+    return {k: float(fetched[k] if k in arrays else v) for k, v in device_metrics.items()}
 
 
 # -------------------------------------------------------------------------------------- setup
@@ -324,23 +339,35 @@ def _check_vocab(tokenizer: Any, config: models.ModelConfig, key: str) -> None:
         )
 
 
-def _check_mesh(config: cfg.PPORunConfig, devices: Sequence[Any]) -> None:
+def check_batch_mesh(
+    mesh: sharding.MeshConfig, devices: Sequence[Any], batch_size: int, key: str
+) -> tuple[int, int, int]:
+    """SetupError unless the `mesh` section fits `devices` and a global batch of `batch_size`
+    rows (the config key `key`) divides over its data x fsdp shards and over the processes.
+    Returns the resolved `(data, fsdp, tensor)` sizes."""
     try:
-        data_size, fsdp, _ = config.mesh.resolve(len(devices))
+        sizes = mesh.resolve(len(devices))
     except ValueError as err:
         raise SetupError(f"mesh: {err}") from err
+    data_size, fsdp, tensor = sizes
     shards = data_size * fsdp
-    batch = config.ppo.batch_size
-    if batch % shards:
+    if batch_size % shards:
         raise SetupError(
-            f"ppo.batch_size={batch} is not divisible by the mesh's data x fsdp = {shards} "
-            f"(mesh {data_size}x{fsdp}x{config.mesh.resolve(len(devices))[2]} over "
-            f"{len(devices)} devices); make ppo.batch_size a multiple of {shards} or change mesh"
+            f"{key}={batch_size} is not divisible by the mesh's data x fsdp = {shards} "
+            f"(mesh {data_size}x{fsdp}x{tensor} over {len(devices)} devices); make {key} a "
+            f"multiple of {shards} or change mesh"
         )
-    if batch % jax.process_count():
-        raise SetupError(
-            f"ppo.batch_size={batch} must divide over the {jax.process_count()} processes"
-        )
+    if batch_size % jax.process_count():
+        raise SetupError(f"{key}={batch_size} must divide over the {jax.process_count()} processes")
+    return sizes
+
+
+def check_mesh(config: cfg.PPORunConfig, devices: Sequence[Any]) -> None:
+    """SetupError unless the run's mesh fits `devices` and its batches divide over it."""
+    data_size, fsdp, _ = check_batch_mesh(
+        config.mesh, devices, config.ppo.batch_size, "ppo.batch_size"
+    )
+    shards = data_size * fsdp
     if config.ptx_data is not None:
         rows = ptx_rows(config)
         parts = config.ppo.num_mini_batches * config.ppo.gradient_accumulation_steps
@@ -415,7 +442,7 @@ def prepare_ppo(
     except ValueError as err:
         raise SetupError(f"ppo: {err}") from err
     devices = list(devices) if devices is not None else jax.devices()
-    _check_mesh(config, devices)
+    check_mesh(config, devices)
     dataset = data.load_prompts(config.data, tokenizer, extra_columns=config.data.reward_columns)
     ptx_dataset = None
     if config.ptx_data is not None:
@@ -539,7 +566,7 @@ def _train(setup: _Setup) -> TrainResult:
         tok.save_pretrained(str(run_dir / ckpt.TOKENIZER_DIR))
     mesh = sharding.make_mesh(config.mesh, setup.devices)
     pm, pc = setup.ppo_models, setup.ppo_config
-    programs = _programs(pc, pm, mesh)
+    programs = iteration_programs(pc, pm, mesh)
     mc = config.models
 
     with sharding.with_rules(mesh):
@@ -611,7 +638,37 @@ def _train(setup: _Setup) -> TrainResult:
     iteration = start
     try:
         with StopRequest() as stop:
+
+            def finish_logging(done: _Dispatched) -> tuple[dict[str, float], bool]:
+                """Fetches, checks and logs a dispatched iteration, writes its samples and its
+                checkpoint when due or on a signal. Returns its metrics and whether to stop.
+                `state` is still that iteration's: only the next update donates it."""
+                metrics = fetch_metrics(done.device_metrics)
+                metrics.update(done.host_metrics)
+                ppo.check_finite(metrics, done.iteration)
+                tokens = float(metrics.get("response/length_mean", 0.0)) * pc.batch_size
+                logger.log(done.iteration, metrics, timings=done.clock.timings(tokens))
+                every = config.logging.sample_every
+                if every and (done.iteration % every == 0 or done.iteration == end):
+                    logger.samples(
+                        done.iteration, _sample_rows(setup, done.rows, done.generation, done.scores)
+                    )
+                stopping = stop.requested()  # once: all processes must see the same answer
+                if stopping or checkpoint_due(done.iteration, end, config.checkpoint.every):
+                    _save(setup, state, done.key, done.positions, done.iteration)
+                if stopping:
+                    logger.message(stop.stopped_message(done.iteration))
+                return metrics, stopping
+
+            # An iteration is logged (and saved) after the next iteration's rollout has been
+            # dispatched, so the device generates while the host fetches the metrics, writes
+            # samples and checkpoints and prepares the batch. The rollout does not donate the
+            # state; the update, which does, needs the host (the response-length bucket, and a
+            # host reward function's scores) and so comes after.
+            pending: _Dispatched | None = None
             while iteration < end:
+                if pending is not None:
+                    pending.clock.stop()
                 clock = run_logging.IterationClock()
                 rows, next_position = data.batch_indices(
                     len(ds), pc.batch_size, position, seed=config.seed, shuffle=config.data.shuffle
@@ -641,6 +698,13 @@ def _train(setup: _Setup) -> TrainResult:
                 rollout_key, update_key = jax.random.split(iteration_key)
                 with sharding.with_rules(mesh):
                     roll = programs.rollout(state, policy, prompts, mask, rollout_key)
+                if pending is not None:
+                    metrics, stopping = finish_logging(pending)
+                    pending = None
+                    if stopping:
+                        status = "interrupted"
+                        break
+                with sharding.with_rules(mesh):
                     lengths = to_host(roll.generation.sequence_lengths)
                     width = ppo.bucket_width(lengths, pc)
                     if reward is not None:
@@ -651,28 +715,27 @@ def _train(setup: _Setup) -> TrainResult:
                     state, device_metrics = programs.finish(
                         state, roll, scores, update_key, ptx_batch, width=width
                     )
-                    metrics = {k: float(v) for k, v in to_host(device_metrics).items()}
-                    metrics["perf/response_bucket"] = float(width)
-                metrics.update(reward_metrics)
                 iteration += 1
                 if iteration == start + 1:  # the programs are compiled now
                     release_host_memory()
-                ppo.check_finite(metrics, iteration)
                 position = next_position
                 if ptx_ds is not None:
                     ptx_position = next_ptx_position
-                tokens = float(metrics.get("response/length_mean", 0.0)) * pc.batch_size
-                logger.log(iteration, metrics, timings=clock.timings(tokens))
-                every = config.logging.sample_every
-                if every and (iteration % every == 0 or iteration == end):
-                    logger.samples(iteration, _sample_rows(setup, rows, roll, scores))
-                stopping = stop.requested()  # once: all processes must see the same answer
-                if stopping or checkpoint_due(iteration, end, config.checkpoint.every):
-                    _save(setup, state, key, (position, ptx_position), iteration)
+                pending = _Dispatched(
+                    iteration=iteration,
+                    device_metrics=device_metrics,
+                    host_metrics={"perf/response_bucket": float(width), **reward_metrics},
+                    clock=clock,
+                    rows=rows,
+                    generation=roll.generation,
+                    scores=scores,
+                    key=key,
+                    positions=(position, ptx_position),
+                )
+            if pending is not None:  # the last iteration
+                metrics, stopping = finish_logging(pending)
                 if stopping:
                     status = "interrupted"
-                    logger.message(stop.stopped_message(iteration))
-                    break
         setup.checkpointer.wait()
     finally:
         setup.checkpointer.wait()
@@ -687,6 +750,20 @@ def _train(setup: _Setup) -> TrainResult:
         metrics=metrics,
         checkpoint=None if latest is None else setup.checkpointer.directory / str(latest),
     )
+
+
+class _Dispatched(NamedTuple):
+    """A PPO iteration whose update has been dispatched but not yet logged."""
+
+    iteration: int
+    device_metrics: dict[str, jax.Array]
+    host_metrics: dict[str, float]  # the length bucket and the reward function's metrics
+    clock: run_logging.IterationClock
+    rows: np.ndarray  # the batch's dataset rows
+    generation: Any  # the rollout's sampled tokens (its log-probs and values are not kept)
+    scores: Any
+    key: jax.Array  # the run's key after this iteration's split
+    positions: tuple[data.DataPosition, data.DataPosition]  # after this iteration
 
 
 _RESUME_FREE = ("run_dir", "stop_after", "compilation_cache", "logging.", "checkpoint.")
@@ -727,10 +804,10 @@ def _host_scores(
 
 
 def _sample_rows(
-    setup: _Setup, rows: np.ndarray, roll: ppo.Rollout, scores: Any
+    setup: _Setup, rows: np.ndarray, generation: Any, scores: Any
 ) -> list[dict[str, Any]]:
     n = setup.config.logging.num_samples
-    gen = to_host(roll.generation)
+    gen = to_host(generation)
     responses, mask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask, bool)[:n]
     texts = setup.tokenizer.batch_decode(
         [r[m].tolist() for r, m in zip(responses, mask)], skip_special_tokens=True
@@ -779,7 +856,7 @@ def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iterati
     setup.checkpointer.save(iteration, _items(state, jax.random.key_data(key)), meta)
 
 
-def _restore(setup: _Setup, programs: _Programs, key: jax.Array):
+def _restore(setup: _Setup, programs: IterationPrograms, key: jax.Array):
     shardings = programs.state_shardings
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -347,7 +347,45 @@ def task_grpo(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     return out if sh.is_main_process() else None
 
 
+LOAD_CHECKPOINT = "load_checkpoint"  # the HF checkpoint the test writes into the output folder
+
+
+def task_load(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """Every process loads the same checkpoint lazily onto a mesh whose layer axis is split over
+    fsdp; returns the tensors it read, the layers its devices hold, and whether its shards equal
+    the eager conversion."""
+    import jax
+
+    from rlhf_jax import models
+    from rlhf_jax import sharding as sh
+    from rlhf_jax.models import hf
+
+    path = args.out.parent / LOAD_CHECKPOINT
+    reads = []
+    read = hf.StoredTensor.__array__
+
+    def recording(self: Any, *a: Any, **k: Any) -> np.ndarray:
+        reads.append(self.name)
+        return read(self, *a, **k)
+
+    hf.StoredTensor.__array__ = recording
+    mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=-1, tensor=1))
+    rules = sh.make_rules({"layers": "fsdp", "embed": None})
+    params, config = models.load(path, mesh=mesh, rules=rules)
+    hf.StoredTensor.__array__ = read
+    want = hf.hf_to_params(hf.read_weights(path), config)
+    equal = all(
+        np.array_equal(np.asarray(shard.data), w[shard.index])
+        for x, w in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True)
+        for shard in x.addressable_shards
+    )
+    up = params["layers"]["mlp"]["up"]["kernel"]
+    held = sorted({i for s in up.addressable_shards for i in range(up.shape[0])[s.index[0]]})
+    return {"read": np.asarray(reads), "held_layers": np.asarray(held), "equal": np.asarray(equal)}
+
+
 TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
+    "load": task_load,
     "reduce": task_reduce,
     "ppo": task_ppo,
     "ppo_shared": functools.partial(task_ppo, shared_value_head=True),

@@ -519,14 +519,14 @@ def test_multiprocess_place_batch_and_reduce(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
-def test_load_sharded_matches_load(tmp_path, dtype):
+def test_load_on_mesh_matches_load(tmp_path, dtype):
     from hf_utils import tiny_hf_model
 
     from rlhf_jax import models
 
     tiny_hf_model("llama", seed=3).save_pretrained(tmp_path)  # kv_heads=2, vocab 128
     mesh = sh.make_mesh(MESHES["1x2x4"])
-    params, config = models.load_sharded(tmp_path, mesh, dtype=dtype)
+    params, config = models.load(tmp_path, dtype=dtype, mesh=mesh)
     want, want_config = models.load(tmp_path, dtype=dtype)
     assert config == want_config
     shardings = models.param_shardings(config, mesh)
@@ -540,7 +540,29 @@ def test_load_sharded_matches_load(tmp_path, dtype):
     assert attn["q"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
     assert attn["k"]["kernel"].sharding.spec == P(None, "fsdp")  # kv_heads=2 vs tensor=4
     with pytest.raises(ValueError, match="no config.json"):
-        models.load_sharded(tmp_path / "missing", mesh)
+        models.load(tmp_path / "missing", mesh=mesh)
+
+
+def test_multiprocess_load_reads_only_own_layers(tmp_path):
+    """2 processes x 2 devices, the layer axis sharded over fsdp=4: each process reads only the
+    layers its devices hold (and the non-layer tensors), and places exactly the eager values."""
+    from hf_utils import tiny_hf_model
+
+    tiny_hf_model("llama", seed=4, num_hidden_layers=4).save_pretrained(
+        tmp_path / multihost_worker.LOAD_CHECKPOINT, max_shard_size="100KB"
+    )
+    results = run_workers("load", tmp_path)
+    held = [set(res["held_layers"].tolist()) for res in results]
+    assert held[0] | held[1] == {0, 1, 2, 3} and not held[0] & held[1]
+    for res, layers in zip(results, held, strict=True):
+        assert bool(res["equal"])
+        read = {str(name) for name in res["read"]}
+        per_layer = {n for n in read if ".layers." in n}
+        assert {int(n.split(".layers.")[1].split(".")[0]) for n in per_layer} == layers
+        assert read - per_layer == {
+            "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+        }  # fmt: skip
+        assert len(res["read"]) == len(read)  # each tensor read once
 
 
 def test_embedding_lookup_without_full_rematerialization(capfd):

@@ -81,6 +81,46 @@ def test_grpo_with_a_reward_function_resumes_exactly(tiny, grpo_straight):
     assert policy.config.vocab_size == 64
 
 
+def test_metrics_are_fetched_once_after_the_next_iteration_is_dispatched(
+    tiny, grpo_straight, monkeypatch
+):
+    """An iteration's metrics are fetched in one transfer (`fetch_metrics`), after the next
+    iteration has been dispatched, except at a checkpoint (every 2 here): the next iteration
+    donates the state, so the metrics are checked and the state saved first. Every iteration is
+    logged with exactly the fetched values, those of the straight run."""
+    from rlhf_jax import critic_free, train_critic_free
+
+    root, paths, prompts = tiny
+    events, fetched = [], []
+    make_host_iteration = critic_free.make_host_iteration
+    fetch_metrics = train_critic_free.fetch_metrics
+
+    def counting_iteration(*args, **kwargs):
+        step = make_host_iteration(*args, **kwargs)
+
+        def counted(*a, **k):
+            events.append("step")
+            return step(*a, **k)
+
+        return counted
+
+    def counting_fetch(metrics):
+        events.append("fetch")
+        fetched.append(fetch_metrics(metrics))
+        return fetched[-1]
+
+    monkeypatch.setattr(critic_free, "make_host_iteration", counting_iteration)
+    monkeypatch.setattr(train_critic_free, "fetch_metrics", counting_fetch)
+    run_dir = root / "grpo_pipelined"
+    assert cli.main(["train", "grpo", *args(run_dir, paths, prompts, "grpo", *GRPO_REWARD)]) == 0
+    assert events == ["step", "step", "fetch", "fetch"] * 2
+    records = iterations(run_dir)
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    for record, values in zip(records, fetched, strict=True):
+        assert {k: record[k] for k in values} == values
+    assert records == iterations(grpo_straight)
+
+
 _signalled = []
 
 

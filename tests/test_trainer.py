@@ -280,6 +280,47 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
     assert [r["iteration"] for r in logging.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_metrics_are_fetched_once_after_the_next_rollout_is_dispatched(
+    straight, inputs, cache_dir, tmp_path, monkeypatch
+):
+    """An iteration's metrics are fetched in one transfer (`fetch_metrics`), after the next
+    iteration's rollout has been dispatched (the device generates while the host logs, writes
+    samples and checkpoints); the last iteration is still logged, and every iteration's record
+    holds exactly the fetched values, the same as the straight run's."""
+    events, fetched = [], []
+    programs = trainer.iteration_programs
+    fetch_metrics = trainer.fetch_metrics
+
+    def counting_programs(*args):
+        real = programs(*args)
+
+        def rollout(*a, **k):
+            events.append("rollout")
+            return real.rollout(*a, **k)
+
+        return real._replace(rollout=rollout)
+
+    def counting_fetch(device_metrics):
+        events.append("fetch")
+        fetched.append(fetch_metrics(device_metrics))
+        return fetched[-1]
+
+    monkeypatch.setattr(trainer, "iteration_programs", counting_programs)
+    monkeypatch.setattr(trainer, "fetch_metrics", counting_fetch)
+    run_dir = tmp_path / "pipelined"
+    result = trainer.train_ppo(load(inputs, run_dir, cache_dir, "stop_after=3"))
+    assert (result.status, result.iteration) == ("stopped", 3)
+    assert events == ["rollout", "rollout", "fetch", "rollout", "fetch", "fetch"]
+    records = logging.read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["iteration"] for r in records] == [1, 2, 3]
+    for record, values in zip(records, fetched, strict=True):
+        assert {k: record[k] for k in values} == values
+    cfg, _ = straight
+    assert records == logging.read_jsonl(Path(cfg.run_dir).absolute() / "metrics.jsonl")[:3]
+    assert checkpoint.Checkpointer(run_dir).all_steps() == [1, 2, 3]
+    assert [s["iteration"] for s in logging.read_jsonl(run_dir / "samples.jsonl")] == [2, 3]
+
+
 # ----------------------------------------------------------------------- errors before compute
 
 
@@ -358,7 +399,7 @@ def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, m
     def no_compute(*args, **kwargs):
         raise AssertionError("compiled before the setup error")
 
-    monkeypatch.setattr(trainer, "_programs", no_compute)
+    monkeypatch.setattr(trainer, "iteration_programs", no_compute)
     small_vocab = tmp_path / "small_vocab"
     tiny_hf_model("llama", vocab_size=32, hidden_size=32, intermediate_size=64).save_pretrained(
         small_vocab

@@ -22,7 +22,7 @@ from rlhf_jax.models.model import (
     sequence_scores,
     unstack_layers,
 )
-from rlhf_jax.models.sharded import jit_forward, load_sharded, param_shardings, sharded_init_params
+from rlhf_jax.models.sharded import jit_forward, param_shardings, sharded_init_params
 
 __all__ = [
     "KVCache",
@@ -36,7 +36,6 @@ __all__ = [
     "jit_forward",
     "lm_logits",
     "load",
-    "load_sharded",
     "logical_axes",
     "param_shardings",
     "params_to_hf",

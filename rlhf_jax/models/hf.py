@@ -29,6 +29,10 @@ Gemma 2/3 name their norms differently (and store them as `weight - 1`, like our
     layers/attn_post_norm   ..post_attention_layernorm  layers/mlp_post_norm
                                                                          ..post_feedforward_layernorm
 
+Loading is lazy (`load`): safetensors files are indexed from their headers (`index_weights`),
+names and shapes are checked, and each param leaf (`LazyLeaf`) reads and converts one layer's
+tensor at a time when a device's slice of it is placed.
+
 Gemma 3 multimodal checkpoints hold the text decoder under `model.language_model.`
 (transformers 5) or `language_model.model.` (4), read as `model.`; their vision tower and
 projector are ignored.
@@ -40,19 +44,20 @@ import dataclasses
 import functools
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
+from rlhf_jax import sharding as sh
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.hf_config import config_from_hf, config_to_hf
-from rlhf_jax.models.model import Params, init_params
+from rlhf_jax.models.model import Params, init_params, logical_axes
 
 _PREFIX = {
     "gpt2": "transformer",
@@ -298,15 +303,96 @@ def _canonical_name(name: str, config: ModelConfig, expected: set[str]) -> str |
     return name
 
 
-def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig) -> Params:
-    """HF state dict (numpy) -> our params (numpy, `param_dtype`), checking names and shapes.
+class LazyLeaf:
+    """A param leaf converted from its HF tensor(s) only when indexed: `shape`, `dtype`,
+    `x[index]` (a NumPy array of that slice) and `np.asarray(x)` (the whole leaf).
 
-    Raises ValueError naming the tensor for missing, unexpected or wrongly shaped tensors.
+    A stacked leaf (leading layer axis) converts the layers its index covers one at a time:
+    each layer's HF tensor is read (from its file, for a checkpoint loaded lazily), converted by
+    the spec's `to_params`, sliced and cast into the output. So `jax.make_array_from_callback`
+    or `rlhf_jax.sharding.shard_params` asking for one device's slice never makes the host hold
+    more than that slice plus one layer's tensor.
+    """
+
+    def __init__(
+        self, spec: _Spec, part: int, sources: list[Any], shape: tuple[int, ...], dtype: Any
+    ) -> None:
+        self.spec, self.part, self.sources = spec, part, sources
+        self.per_layer = "{i}" in spec.hf
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyLeaf({self.spec.hf!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def _convert(self, source: Any) -> np.ndarray:
+        return self.spec.to_params(np.asarray(source))[self.part]
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        basic = _basic_index(index, self.ndim)
+        if basic is None:  # advanced indexing: materialise, then index
+            return np.asarray(self)[index]
+        index = basic
+        if not self.per_layer:
+            return np.asarray(self._convert(self.sources[0])[index], self.dtype)
+        layers = range(self.shape[0])[index[0]]
+        rest = index[1:]
+        if isinstance(layers, int):
+            return np.asarray(self._convert(self.sources[layers])[rest], self.dtype)
+        # the slice's shape without converting anything (a zero-strided view)
+        rest_shape = np.broadcast_to(np.zeros((), np.uint8), self.shape[1:])[rest].shape
+        out = np.empty((len(layers), *rest_shape), self.dtype)
+        for k, i in enumerate(layers):
+            out[k] = np.asarray(self._convert(self.sources[i])[rest], self.dtype)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        out = self[(slice(None),) * self.ndim]
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def _basic_index(index: Any, ndim: int) -> tuple[Any, ...] | None:
+    """`index` as `ndim` ints / slices (Ellipsis expanded, missing dims full); None if it is
+    not a basic index."""
+    index = index if isinstance(index, tuple) else (index,)
+    if any(not isinstance(i, (int, np.integer, slice)) and i is not Ellipsis for i in index):
+        return None
+    if sum(i is Ellipsis for i in index) > 1:
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        fill = (slice(None),) * (ndim - len(index) + 1)
+        index = index[:at] + fill + index[at + 1 :]
+    if len(index) > ndim:
+        return None
+    index = tuple(int(i) if isinstance(i, np.integer) else i for i in index)
+    return index + (slice(None),) * (ndim - len(index))
+
+
+def hf_to_params(tensors: Mapping[str, Any], config: ModelConfig, *, lazy: bool = False) -> Params:
+    """HF state dict -> our params in `param_dtype`, checking names and shapes.
+
+    `tensors` maps HF names to NumPy arrays, or to anything with `shape` that `np.asarray`
+    reads (the lazily read tensors of `index_weights`). Returns NumPy arrays, or with `lazy`
+    `LazyLeaf`s that convert (and read) one layer at a time when indexed.
+
+    Raises ValueError naming the tensor for missing, unexpected or wrongly shaped tensors
+    (before anything is converted).
     """
     shapes = _param_shapes(config)
     specs = _expected_specs(config, shapes)
     expected = {name for spec in specs for name in _layer_names(spec, config)}
-    by_name: dict[str, np.ndarray] = {}
+    by_name: dict[str, Any] = {}
     for name, value in tensors.items():
         canonical = _canonical_name(name, config, expected)
         if canonical is None:
@@ -326,19 +412,22 @@ def hf_to_params(tensors: dict[str, np.ndarray], config: ModelConfig) -> Params:
         per_layer = "{i}" in spec.hf
         dummies = [np.zeros(s.shape[1:] if per_layer else s.shape, np.float32) for s in leaf_shapes]
         hf_shape = spec.to_hf(*dummies).shape
-        layers = []
+        sources = []
         for name in _layer_names(spec, config):
-            value = np.asarray(by_name[name])
-            if value.shape != hf_shape:
+            value = by_name[name]
+            if tuple(np.shape(value)) != hf_shape:
                 raise ValueError(
-                    f"tensor {name!r} has shape {value.shape}, expected {hf_shape} for this config"
+                    f"tensor {name!r} has shape {tuple(np.shape(value))}, expected {hf_shape} "
+                    "for this config"
                 )
-            layers.append(spec.to_params(value))
-        for j, path in enumerate(spec.paths):
-            parts = [leaves[j] for leaves in layers]
-            value = np.stack(parts) if per_layer else parts[0]
-            _set(params, path, np.asarray(value, dtype=dtype))
-    return params
+            if isinstance(value, StoredTensor):
+                value.dtype  # noqa: B018 (a ValueError naming it if we cannot read its dtype)
+            sources.append(value)
+        for j, (path, leaf) in enumerate(zip(spec.paths, leaf_shapes, strict=True)):
+            _set(params, path, LazyLeaf(spec, j, sources, leaf.shape, dtype))
+    if lazy:
+        return params
+    return jax.tree.map(np.asarray, params, is_leaf=lambda x: isinstance(x, LazyLeaf))
 
 
 def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -361,55 +450,74 @@ _SAFETENSORS_DTYPES = {
     "F32": np.float32,
     "F16": np.float16,
     "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
     "I64": np.int64,
     "I32": np.int32,
     "I16": np.int16,
     "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
 
 
-def _read_safetensors_raw(file: Path) -> dict[str, np.ndarray]:
-    """Memory-mapped safetensors reader for safetensors versions whose numpy backend lacks
-    bfloat16."""
-    data = np.memmap(file, dtype=np.uint8, mode="r")
-    header_len = int(np.frombuffer(data[:8], "<u8")[0])
-    header = json.loads(data[8 : 8 + header_len].tobytes())
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a safetensors file, read into a fresh buffer only by `np.asarray` (never
+    memory-mapped: touched pages of a mapping would count in the process's RSS)."""
+
+    name: str
+    file: Path
+    dtype_name: str  # the safetensors dtype, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # of the first byte, from the start of the file
+    nbytes: int
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self.dtype_name not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"tensor {self.name!r} in {self.file} has unsupported dtype {self.dtype_name}"
+            )
+        return np.dtype(_SAFETENSORS_DTYPES[self.dtype_name])
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        stored = self.dtype  # safetensors is little-endian, like every host JAX runs on
+        count = int(np.prod(self.shape))
+        data = np.fromfile(self.file, dtype=stored, count=count, offset=self.offset)
+        if data.size != count:
+            raise ValueError(f"{self.file} is truncated: tensor {self.name!r} is incomplete")
+        data = data.reshape(self.shape)
+        return data if dtype is None else data.astype(dtype, copy=False)
+
+
+def _index_safetensors(file: Path) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file, from its header alone."""
+    with open(file, "rb") as f:
+        header_len = int(np.frombuffer(f.read(8), "<u8")[0])
+        header = json.loads(f.read(header_len))
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         start, end = info["data_offsets"]
-        raw = data[8 + header_len + start : 8 + header_len + end]
-        out[name] = raw.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[name] = StoredTensor(
+            name, file, info["dtype"], tuple(info["shape"]), 8 + header_len + start, end - start
+        )
     return out
 
 
-def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    try:
-        with safe_open(file, framework="np") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except TypeError:  # "data type 'bfloat16' not understood" in older safetensors
-        return _read_safetensors_raw(file)
-
-
-def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint directory as NumPy arrays, by HF name: sharded or single
-    safetensors files, or (only with `allow_pickle`) PyTorch `.bin` pickles."""
+def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        tensors: dict[str, np.ndarray] = {}
-        for file in files:
-            tensors |= _read_safetensors(path / file)
-        return tensors
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        tensors = {}
-        for file in files:
-            tensors |= _read_safetensors(file)
-        return tensors
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _pickles(path: Path, allow_pickle: bool) -> list[Path]:
     pickles = sorted(path.glob("*.bin"))
     if pickles and not allow_pickle:
         raise ValueError(
@@ -419,38 +527,80 @@ def read_weights(path: Path, allow_pickle: bool = False) -> dict[str, np.ndarray
         )
     if not pickles:
         raise ValueError(f"no *.safetensors or *.bin weights in {path}")
+    return pickles
+
+
+def index_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
+    """Every tensor of an HF checkpoint directory by HF name, read only when converted: sharded
+    or single safetensors files are indexed from their headers (`StoredTensor`s); only with
+    `allow_pickle`, PyTorch `.bin` pickles are read whole (NumPy arrays)."""
+    path = Path(path)
+    files = _safetensors_files(path)
+    if files:
+        tensors: dict[str, Any] = {}
+        for file in files:
+            tensors |= _index_safetensors(file)
+        return tensors
     import torch  # only for explicitly allowed pickled checkpoints
 
     tensors = {}
-    for file in pickles:
+    for file in _pickles(path, allow_pickle):
         state = torch.load(file, map_location="cpu", weights_only=True)
         tensors |= {k: v.float().numpy() for k, v in state.items()}
     return tensors
 
 
+def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint directory as NumPy arrays, by HF name (`index_weights`,
+    every tensor read)."""
+    return {name: np.asarray(t) for name, t in index_weights(path, allow_pickle).items()}
+
+
 def load(
-    path: str | Path, *, dtype: str | None = None, allow_pickle: bool = False
+    path: str | Path,
+    *,
+    dtype: str | None = None,
+    allow_pickle: bool = False,
+    mesh: Mesh | None = None,
+    rules: sh.Rules | None = None,
 ) -> tuple[Params, ModelConfig]:
     """Loads a local HF checkpoint directory (config.json + safetensors; never downloads).
 
+    Safetensors are read lazily, one layer's tensor at a time, straight into each device's
+    slice: tensor names and shapes are checked against the config first (from the files'
+    headers), then each leaf is placed device by device (`rlhf_jax.sharding.shard_params`), so
+    the host holds at most one device's slice of one leaf plus one layer's HF tensor (without a
+    mesh: one leaf). In a multi-process run every process calls it with the same `path` (a shared
+    or replicated file system) and reads only what its own devices hold.
+
     Args:
       path: directory with config.json and `model.safetensors`, sharded safetensors with
-        `model.safetensors.index.json`, or (with `allow_pickle`) `*.bin` files.
+        `model.safetensors.index.json`, or (with `allow_pickle`) `*.bin` files (read whole).
       dtype: params and compute dtype (e.g. "bfloat16"); default float32 for both.
       allow_pickle: allow `*.bin` pickles (read with `torch.load(weights_only=True)`).
+      mesh: place every param sharded on `mesh` (`models.param_shardings(config, mesh,
+        rules)`); None: on the default device.
+      rules: logical-axis rules for `mesh` (None: `rlhf_jax.sharding.DEFAULT_RULES`).
 
     Returns:
-      `(params, config)`: params as jax arrays on the default device.
+      `(params, config)`: params as jax arrays.
     """
     import transformers
 
     path = Path(path)
+    if not (path / "config.json").exists():
+        raise ValueError(f"{path} is not an HF checkpoint directory (no config.json)")
     hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     config = config_from_hf(hf_config)
     if dtype is not None:
         config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    params = hf_to_params(read_weights(path, allow_pickle), config)
-    return jax.tree.map(jax.numpy.asarray, params), config
+    host = hf_to_params(index_weights(path, allow_pickle), config, lazy=True)
+    if mesh is None:
+        # one leaf at a time (a transfer in flight keeps its host array alive)
+        put = lambda x: jax.device_put(np.asarray(x)).block_until_ready()  # noqa: E731
+        is_leaf = lambda x: isinstance(x, LazyLeaf)  # noqa: E731
+        return jax.tree.map(put, host, is_leaf=is_leaf), config
+    return sh.shard_params(host, logical_axes(config), mesh, rules), config
 
 
 def save(params: Params, config: ModelConfig, path: str | Path, *, tokenizer: Any = None) -> None:

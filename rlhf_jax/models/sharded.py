@@ -1,4 +1,5 @@
-"""Model-specific sharding: parameter shardings, sharded init and loading, a jitted forward.
+"""Model-specific sharding: parameter shardings, sharded init, a jitted forward (sharded
+loading: `models.load(path, mesh=mesh)`).
 
 The parallelism layer (`rlhf_jax.sharding`: meshes, logical-axis rules, placement,
 `jit_with_rules`) knows nothing about models; this module applies it to `ModelConfig` models
@@ -7,11 +8,9 @@ through their logical axes (`logical_axes`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -19,7 +18,6 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlhf_jax import sharding as sh
-from rlhf_jax.models import hf
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.model import forward, init_params, lm_logits, logical_axes, score
 
@@ -57,36 +55,6 @@ def sharded_init_params(
     return sh.sharded_init(
         functools.partial(init_params, config), logical_axes(config), mesh, rules, key
     )
-
-
-def load_sharded(
-    path: str | Path,
-    mesh: Mesh,
-    rules: Rules | None = None,
-    *,
-    dtype: str | None = None,
-    allow_pickle: bool = False,
-) -> tuple[dict[str, Any], ModelConfig]:
-    """Load a local HF checkpoint directory straight onto ``mesh``, shard by shard.
-
-    Like :func:`rlhf_jax.models.load` (same ``dtype`` / ``allow_pickle`` semantics, never
-    downloads), but the converted host (NumPy) params go through
-    :func:`rlhf_jax.sharding.shard_params`: each device receives only its slice, so no device
-    holds the whole model. The host still holds
-    one converted copy per process. In a multi-process run every process calls it with the same
-    ``path`` (a shared or replicated file system). Returns ``(params, config)``.
-    """
-    import transformers
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise ValueError(f"{path} is not an HF checkpoint directory (no config.json)")
-    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    config = hf.config_from_hf(hf_config)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    host = hf.hf_to_params(hf.read_weights(path, allow_pickle), config)
-    return sh.shard_params(host, logical_axes(config), mesh, rules), config
 
 
 def _out_spec(logical: tuple[str | None, ...], dims: tuple[int, ...], mesh: Mesh, rules) -> Any:
