@@ -4,6 +4,9 @@ process per algorithm).
 
     python3 benchmarks/critic_free.py --config B --iters 5
     python3 benchmarks/critic_free.py --config B --separate-processes   # per-algorithm peak RSS
+    # GRPO, k = 8, prompt 4x the response: one prefill per prompt against k (the old path)
+    python3 benchmarks/critic_free.py --config A --batch 32 --group-size 8 --prompt-len 128 \
+        --response-len 32 --algos grpo-beta0,grpo --repeat-prefill --iters 5
 
 All algorithms sample the same number of completions per iteration (`--batch`): PPO one per prompt,
 RLOO and GRPO `--group-size` per prompt for `batch / group-size` prompts. All run `--epochs`
@@ -12,6 +15,13 @@ same random reward model (PPO also trains a value model initialised from it). GR
 `beta=0.04` (reference forward + k3 KL loss) and as "grpo-beta0" with `beta=0` (no reference
 forward). Iterations are timed interleaved (ppo, rloo, grpo, ..., ppo, ...) so machine load hits
 them alike; figures are medians.
+
+The critic-free rollout prefills each distinct prompt once and repeats its KV cache to the prompt's
+`--group-size` completions (`CriticFreeConfig.shared_prefill`). `--repeat-prefill` adds, for each
+critic-free algorithm, a variant "<algo>/repeat-prefill" that prefills the `batch` repeated prompts
+instead (the path before; the same samples), timed in the same interleaved rounds, and prints the
+ratio. `--rollout-only` times the rollouts alone (sampling and the forwards each algorithm runs on
+the samples), where the prefill's share is not diluted by the update.
 
 The memory figures are what XLA plans for the compiled iteration: arguments (parameters, optimiser
 state, frozen models, prompts) plus temporaries, minus what the donated state aliases. The RLOO
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import subprocess
 import sys
@@ -63,6 +74,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--iters", type=int, default=5, help="timed iterations per algorithm")
     p.add_argument("--algos", default=",".join(ALGOS), help=f"comma-separated from {ALGOS}")
+    p.add_argument(
+        "--repeat-prefill",
+        action="store_true",
+        help="also time each critic-free algorithm with the old repeated prefill (one prefill "
+        "per completion, shared_prefill=False) as '<algo>/repeat-prefill'",
+    )
+    p.add_argument(
+        "--rollout-only", action="store_true", help="time the rollouts alone (no update)"
+    )
     p.add_argument(
         "--separate-processes",
         action="store_true",
@@ -119,11 +139,16 @@ def setups(args: argparse.Namespace) -> dict[str, tuple[Any, Any, Any, Any, Any,
                 batch_size=args.batch, kl_coef=0.05, num_ppo_epochs=args.epochs, **common_kwargs
             )
             pm = ppo.PPOModels(policy=policy_cfg, value=reward_cfg, reward=reward_cfg)
-            fn = ppo.jit_ppo_iteration(config, pm)
+            if args.rollout_only:
+                rollout = functools.partial(ppo.rollout, config=config, ppo_models=pm)
+                fn = jax.jit(rollout_only(rollout))
+            else:
+                fn = ppo.jit_ppo_iteration(config, pm)
             state = ppo.init_state(policy, reward, config)
             frozen = ppo.FrozenParams(ref=policy, reward=reward)
             prompts, mask = left_padded(args.batch, args.prompt_len, args.vocab, 0)
             desc = f"PPO, {args.batch} prompts x 1, value model"
+            out[algo] = (fn, state, frozen, prompts, mask, desc)
         else:
             if algo == "rloo":
                 config = cf.RLOOConfig(
@@ -142,16 +167,38 @@ def setups(args: argparse.Namespace) -> dict[str, tuple[Any, Any, Any, Any, Any,
                     **common_kwargs,
                 )
             cfm = cf.CriticFreeModels(policy=policy_cfg, reward=reward_cfg)
-            fn = cf.jit_iteration(config, cfm)
-            state = cf.init_state(policy, config)
             needs_ref = config.core().needs_ref
             frozen = cf.CriticFreeFrozen(ref=policy if needs_ref else None, reward=reward)
             prompts, mask = left_padded(n_prompts, args.prompt_len, args.vocab, 0)
             desc = f"{algo}, {n_prompts} prompts x {k}, no value model"
             if not needs_ref:
                 desc += ", no reference"
-        out[algo] = (fn, state, frozen, prompts, mask, desc)
+            variants = {algo: config}
+            if args.repeat_prefill:
+                variants[f"{algo}/repeat-prefill"] = dataclasses.replace(
+                    config, shared_prefill=False
+                )
+            for name, variant in variants.items():
+                fn = critic_free_fn(variant, cfm, args.rollout_only)
+                state = cf.init_state(policy, variant)
+                prefill = "one prefill per prompt" if variant.shared_prefill else "k prefills"
+                out[name] = (fn, state, frozen, prompts, mask, f"{desc}, {prefill}")
     return out
+
+
+def rollout_only(rollout: Any) -> Any:
+    """`(state, frozen, prompts, mask, key) -> (state, rollout)`: shaped like an iteration."""
+    return lambda state, frozen, prompts, mask, key: (
+        state,
+        rollout(state, frozen, prompts, mask, key),
+    )
+
+
+def critic_free_fn(config: cf.CriticFreeConfig, cfm: cf.CriticFreeModels, rollout: bool) -> Any:
+    """The jitted iteration, or with `rollout` the jitted rollout alone."""
+    if not rollout:
+        return cf.jit_iteration(config, cfm)
+    return jax.jit(rollout_only(functools.partial(cf.rollout, config=config, cf_models=cfm)))
 
 
 def memory(compiled: Any) -> dict[str, float]:
@@ -202,14 +249,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
-    algos = [a for a in ALGOS if a in results]
+    algos = [a for a in results if a != "peak_rss_mib"]
     base = results.get("ppo")
+    what = "rollouts" if args.rollout_only else "iterations"
     print(
         f"\nconfig {args.config}: {args.layers} layers, hidden {args.hidden}, vocab "
         f"{args.vocab + 2}, {args.batch} completions x {args.response_len} tokens, prompt "
-        f"{args.prompt_len}, {args.epochs} epochs; medians of {args.iters} interleaved iterations"
+        f"{args.prompt_len}, {args.epochs} epochs; medians of {args.iters} interleaved {what}"
     )
-    header = f"{'algo':11s} {'s/iter':>8s} {'vs PPO':>7s} {'compile':>8s} {'args MiB':>9s} "
+    width = max(11, *(len(a) for a in algos))
+    header = f"{'algo':{width}s} {'s/iter':>8s} {'vs PPO':>7s} {'compile':>8s} {'args MiB':>9s} "
     header += f"{'temp MiB':>9s} {'peak MiB':>9s} {'vs PPO':>7s}"
     if any("process_peak_rss_mib" in results[a] for a in algos):
         header += f" {'RSS MiB':>8s} {'vs PPO':>7s}"
@@ -220,7 +269,7 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
         mem = r.get("peak_estimate_mib", float("nan"))
         mem_ratio = mem / base["peak_estimate_mib"] if base and "peak_estimate_mib" in base else 0
         line = (
-            f"{algo:11s} {r['s_per_iter']:8.3f} {speed:6.2f}x {r['compile_s']:7.1f}s "
+            f"{algo:{width}s} {r['s_per_iter']:8.3f} {speed:6.2f}x {r['compile_s']:7.1f}s "
             f"{r.get('arguments_mib', 0):9.1f} {r.get('temporaries_mib', 0):9.1f} {mem:9.1f} "
             f"{mem_ratio:6.2f}x"
         )
@@ -229,6 +278,16 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
             line += f" {r['process_peak_rss_mib']:8.0f} {rss_ratio:6.2f}x"
         print(line + f"   {r['description']}")
     print("'vs PPO': speed = PPO time / this time; memory = this / PPO (lower is less memory)")
+    for algo in algos:
+        old = results.get(f"{algo}/repeat-prefill")
+        if old is not None:
+            new, speed = results[algo], old["s_per_iter"] / results[algo]["s_per_iter"]
+            print(
+                f"{algo}: shared prefill {new['s_per_iter']:.3f} s, repeated prefill "
+                f"{old['s_per_iter']:.3f} s: speedup {speed:.2f}x; peak memory "
+                f"{new.get('peak_estimate_mib', 0):.1f} against "
+                f"{old.get('peak_estimate_mib', 0):.1f} MiB"
+            )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -242,8 +301,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 cmd = [sys.executable, __file__, *sub, "--algos", algo, "--json", tmp.name]
                 subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
                 record = json.loads(Path(tmp.name).read_text())["results"]
-            results[algo] = record[algo]
-            results[algo]["process_peak_rss_mib"] = record["peak_rss_mib"]
+            for name in (algo, f"{algo}/repeat-prefill"):
+                if name in record:
+                    results[name] = record[name]
+                    results[name]["process_peak_rss_mib"] = record["peak_rss_mib"]
             print(f"{algo}: peak RSS {record['peak_rss_mib']:.0f} MiB", flush=True)
     else:
         results = run(args)

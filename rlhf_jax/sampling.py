@@ -8,6 +8,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -208,6 +209,24 @@ def _grow_cache(cache: models.KVCache, max_len: int) -> models.KVCache:
     )
 
 
+def _repeat_rows(
+    cache: models.KVCache, logits_BV: jax.Array, first_position_B: jax.Array, repeats: int
+) -> tuple[models.KVCache, jax.Array, jax.Array]:
+    """Each row of a prefill's outputs `repeats` times in a row (`jnp.repeat` on axis 0: row `n`
+    becomes rows `n*k .. n*k + k - 1`): the cache's k/v `[N, H, S, K]` (compute dtype) and bool
+    mask `[N, S]` (its scalar index unchanged), the float32 last-position logits `[N, V]` and
+    the int32 first response positions `[N]`, each to `N*k` rows split over the batch axes
+    (logical constraints, as the model's activations)."""
+    rep = lambda x, *axes: nn.with_logical_constraint(jnp.repeat(x, repeats, axis=0), axes)
+    kv_axes = ("batch", "act_kv_heads", "cache_length", None)
+    cache = cache.replace(
+        k=tuple(rep(x, *kv_axes) for x in cache.k),
+        v=tuple(rep(x, *kv_axes) for x in cache.v),
+        mask=rep(cache.mask, "batch", "cache_length"),
+    )
+    return cache, rep(logits_BV, "batch", "act_vocab"), rep(first_position_B, "batch")
+
+
 def prompt_positions(prompt_mask_BP: ArrayLike) -> jax.Array:
     """Position ids of left-padded prompts: the exclusive cumsum of the mask (int32)."""
     mask = jnp.asarray(prompt_mask_BP, jnp.int32)
@@ -221,42 +240,59 @@ def generate(
     prompt_mask_BP: ArrayLike,
     key: jax.Array,
     sampling_config: SamplingConfig,
+    *,
+    num_samples: int = 1,
 ) -> Generation:
-    """Samples `sampling_config.max_new_tokens` tokens after each left-padded prompt.
+    """Samples `sampling_config.max_new_tokens` tokens after each left-padded prompt,
+    `num_samples` times per prompt.
 
     Args:
       params, model_config: a causal LM (`head="lm"`).
-      prompt_tokens_BP: int `[B, P]` prompts, left-padded (every row needs >= 1 real token).
-      prompt_mask_BP: `[B, P]`, 1 on real prompt tokens.
+      prompt_tokens_BP: int `[N, P]` prompts, left-padded (every row needs >= 1 real token).
+      prompt_mask_BP: `[N, P]`, 1 on real prompt tokens.
       key: PRNG key; split once per step, so the same key gives the same output, and rows are
         sampled independently.
       sampling_config: static.
+      num_samples: static `k >= 1`, completions per prompt. Each prompt is prefilled once and
+        its KV cache and last-position logits are repeated to its `k` rows before decoding, so
+        the prefill costs `1/k` of prefilling `jnp.repeat(prompt_tokens_BP, k, axis=0)` (and
+        the mask), and the result is `generate` on those repeated prompts with the same key:
+        the same decode steps and random draws over the same `N * k` rows (log-probs equal up
+        to float rounding of the smaller prefill batch).
     Returns:
-      A `Generation`. Jit it with `sampling_config` (and `model_config`) static.
+      A `Generation` of `B = N * k` rows, prompt `n`'s completions at rows `n*k .. n*k + k - 1`.
+      Jit it with `sampling_config`, `model_config` and `num_samples` static.
     """
     if model_config.head != "lm":
         raise ValueError(f"generate needs a causal LM (head='lm'), got head={model_config.head!r}")
     config = sampling_config
-    tokens_BP = jnp.asarray(prompt_tokens_BP, jnp.int32)
-    mask_BP = jnp.asarray(prompt_mask_BP, bool)
-    if tokens_BP.shape != mask_BP.shape or tokens_BP.ndim != 2:
+    tokens_NP = jnp.asarray(prompt_tokens_BP, jnp.int32)
+    mask_NP = jnp.asarray(prompt_mask_BP, bool)
+    if tokens_NP.shape != mask_NP.shape or tokens_NP.ndim != 2:
         raise ValueError(
-            f"generate: prompt tokens {list(tokens_BP.shape)} and mask {list(mask_BP.shape)} "
-            "must both be [B, P]"
+            f"generate: prompt tokens {list(tokens_NP.shape)} and mask {list(mask_NP.shape)} "
+            "must both be [N, P]"
         )
-    batch, prompt_len = tokens_BP.shape
+    if num_samples < 1:
+        raise ValueError(f"generate: num_samples must be >= 1, got {num_samples}")
+    num_prompts, prompt_len = tokens_NP.shape
     length = config.max_new_tokens
     stops = jnp.asarray(config.stop_token_ids, jnp.int32)
     pad = jnp.int32(config.pad_token_id)
 
     # Per-layer weights, sliced once for prefill and all decode steps (not once per step).
     params = models.unstack_layers(params)
-    cache = models.init_cache(model_config, batch, prefill_cache_length(config, prompt_len))
+    cache = models.init_cache(model_config, num_prompts, prefill_cache_length(config, prompt_len))
     hidden, cache = models.forward(
-        params, model_config, tokens_BP, prompt_positions(mask_BP), mask_BP, cache
+        params, model_config, tokens_NP, prompt_positions(mask_NP), mask_NP, cache
     )
     logits_BV = models.lm_logits(params, model_config, hidden[:, -1:])[:, 0]
-    first_position_B = jnp.sum(mask_BP, axis=-1, dtype=jnp.int32)
+    first_position_B = jnp.sum(mask_NP, axis=-1, dtype=jnp.int32)
+    if num_samples > 1:  # [N, ...] -> [N * k, ...]: decoding (and its keys) sees B = N * k rows
+        cache, logits_BV, first_position_B = _repeat_rows(
+            cache, logits_BV, first_position_B, num_samples
+        )
+    batch = num_prompts * num_samples
 
     def emit(key_t, logits_BV, done_B):
         """Samples one token per row. Rows already finished emit pad with an invalid log-prob.

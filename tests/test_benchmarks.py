@@ -67,10 +67,11 @@ def test_critic_free_algorithms(tmp_path):
     results, _ = run(
         "critic_free.py",
         [*TOY, "--vocab", "64", "--prompt-len", "4", "--response-len", "4"]
-        + ["--group-size", "2", "--epochs", "1", "--iters", "1", "--algos", "ppo,rloo,grpo"],
+        + ["--group-size", "2", "--epochs", "1", "--iters", "1", "--algos", "ppo,rloo,grpo"]
+        + ["--repeat-prefill"],
         tmp_path,
     )
-    assert {"ppo", "rloo", "grpo"} <= set(json.dumps(results).split('"'))
+    assert {"ppo", "rloo", "grpo", "grpo/repeat-prefill"} <= set(results)
 
 
 def test_memory_report(tmp_path):

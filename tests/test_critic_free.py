@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import GRADIENT, REORDERED, assert_f32_close
+from tolerances import GRADIENT, MODEL, REORDERED, assert_f32_close
 
 from rlhf_jax import critic_free as cf
 from rlhf_jax import models, ppo
 from rlhf_jax import reward_functions as rf
+from rlhf_jax import sharding as sh
 from rlhf_jax.ops import INVALID_LOGPROB
-from rlhf_jax.sampling import Generation
+from rlhf_jax.sampling import Generation, generate
 
 # ------------------------------------------------------------------------------ NumPy references
 
@@ -343,6 +344,7 @@ def run_learning(config, iterations):
         scores.append(metrics["rewards/test_critic_free:early_letter_fraction/mean"])
         assert_f32_close(scores[-1], metrics["objective/raw_scores"], ulps=REORDERED)
         assert float(metrics["policy/first_approxkl"]) < 1e-9  # sampler log-probs = trainer's
+        assert 0.0 <= float(metrics["perf/padded_fraction"]) < 1.0
         if rollout_cache is None:
             rollout_cache = cf._shared_rollout._cache_size()
     # One compilation for the rollout, and one for the update per length bucket met.
@@ -368,6 +370,77 @@ def test_grpo_raises_a_python_reward_sharing_the_rollout_compilation():
     assert GRPO.rollout_spec() == RLOO.rollout_spec()  # so the jitted rollout is shared
     scores, _, _ = run_learning(GRPO, 10)
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, np.round(scores, 2)
+
+
+# ------------------------------------------------------------- one prefill per distinct prompt
+
+
+def _grpo_rollout(mesh=None, **overrides):
+    """`cf.rollout` of GRPO (no reference) on the tiny prompts: `(roll, jitted fn, args)`."""
+    config = dataclasses.replace(GRPO, beta=0.0, **overrides)
+    cf_models = cf.CriticFreeModels(policy=TINY)
+    policy = models.init_params(TINY, jax.random.key(0))
+    state, frozen = cf.init_state(policy, config), cf.CriticFreeFrozen()
+    prompts, mask = tiny_prompts()
+    fn = functools.partial(cf.rollout, config=config, cf_models=cf_models)
+    if mesh is None:
+        jitted = jax.jit(fn)
+    else:
+        s = cf.critic_free_shardings(config, cf_models, mesh)
+        state = jax.device_put(state, s.state)
+        rep = s.replicated
+        jitted = sh.jit_with_rules(fn, mesh, in_shardings=(s.state, None, rep, rep, rep))
+    args = (state, frozen, prompts, mask, jax.random.key(3))
+    return jitted(*args), jitted, args
+
+
+def test_rollout_prefills_each_prompt_once_with_the_same_samples():
+    """The rollout prefills the 4 distinct prompts once each and repeats their caches to the
+    `k = 4` completions: the same tokens, masks and lengths as `generate` on the `jnp.repeat`ed
+    prompts and as the old repeated prefill (`shared_prefill=False`), for the same key, at a
+    smaller cost (fewer FLOPs in the compiled rollout)."""
+    roll, jitted, args = _grpo_rollout()
+    old, old_jitted, _ = _grpo_rollout(shared_prefill=False)
+    prompts, mask = tiny_prompts()
+    k = GRPO.group_size
+    want = jax.jit(generate, static_argnums=(1, 5))(
+        args[0].policy_params,
+        TINY,
+        np.repeat(prompts, k, axis=0),
+        np.repeat(mask, k, axis=0),
+        args[4],
+        GRPO.sampling_config(),
+    )
+    np.testing.assert_array_equal(roll.prompts, np.repeat(prompts, k, axis=0))
+    np.testing.assert_array_equal(roll.prompt_mask, np.repeat(mask, k, axis=0))
+    for got in (roll.generation, old.generation):
+        for name in ("tokens", "mask", "sequence_lengths", "stopped"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+        assert_f32_close(got.logprobs, want.logprobs, ulps=MODEL)
+    # Groups differ (the 4 prompts' completions are not permuted or shared across groups).
+    groups = np.asarray(roll.generation.tokens).reshape(4, k, -1)
+    assert len({g.tobytes() for g in groups}) == 4
+    flops = lambda f: f.lower(*args).cost_analysis()["flops"]
+    assert flops(jitted) < flops(old_jitted)
+
+
+@pytest.mark.parametrize("name", ["8x1x1", "2x2x2"])
+def test_shared_prefill_rollout_on_a_mesh(name):
+    """On a mesh the 4 replicated prompts are prefilled once (4 rows do not divide 8 devices) and
+    the 16 repeated rows are split over the batch axes: the same samples as on one device."""
+    mesh_config = {
+        "8x1x1": sh.MeshConfig(data=8, fsdp=1, tensor=1),
+        "2x2x2": sh.MeshConfig(data=2, fsdp=2, tensor=2),
+    }[name]
+    want, _, _ = _grpo_rollout()
+    got, _, _ = _grpo_rollout(sh.make_mesh(mesh_config))
+    for field in ("tokens", "mask", "sequence_lengths"):
+        np.testing.assert_array_equal(
+            getattr(got.generation, field), getattr(want.generation, field), err_msg=field
+        )
+    assert_f32_close(got.generation.logprobs, want.generation.logprobs, ulps=MODEL)
+    rows = {s.data.shape[0] for s in got.generation.tokens.addressable_shards}
+    assert rows == {GRPO.batch_size // (mesh_config.data * mesh_config.fsdp)}
 
 
 # ---------------------------------------------------------------- traced only: cheap checks
@@ -479,6 +552,11 @@ def test_length_bucketed_update_equals_the_full_width_update():
     copy = lambda: jax.tree.map(jnp.copy, state)
     full = step.finish(copy(), roll, scores, jax.random.key(1), width=config.response_length)
     cut = step.finish(copy(), roll, scores, jax.random.key(1), width=width)
+    # The padded fraction of the positions the update pays for: 1 - real / (rows x width).
+    real = float(np.sum(roll.generation.mask))
+    for metrics, w in ((full[1], config.response_length), (cut[1], width)):
+        padded = metrics.pop("perf/padded_fraction")
+        assert_f32_close(padded, 1.0 - real / (config.batch_size * w), ulps=REORDERED, floor=1.0)
     assert_f32_close(cut[1], full[1], ulps=GRADIENT, floor=1.0, per_leaf=True)
     assert_f32_close(cut[0], full[0], ulps=GRADIENT)
     moved = full[0].policy_params["lm_head"]["kernel"] - policy["lm_head"]["kernel"]

@@ -367,3 +367,42 @@ def test_decoding_exits_once_every_row_has_stopped(greedy):
         for name in ("tokens", "logprobs", "mask", "sequence_lengths", "stopped"):
             np.testing.assert_array_equal(getattr(early, name), getattr(full, name), err_msg=name)
         assert int(early.decode_steps) == int(jnp.max(full.sequence_lengths)) + 1 <= 3
+
+
+jit_generate_k = jax.jit(generate, static_argnums=(1, 5), static_argnames="num_samples")
+
+
+@pytest.mark.parametrize("greedy", [False, True])
+@pytest.mark.parametrize("exit_early", [False, True])
+def test_shared_prefill_equals_generate_on_repeated_prompts(greedy, exit_early):
+    """`num_samples=k` prefills each prompt once and repeats its cache and logits to rows
+    `n*k .. n*k + k - 1`: the same tokens, masks and lengths, bit for bit, as `generate` on the
+    `jnp.repeat`ed prompts with the same key (the decode steps draw the same random numbers over
+    the same rows); log-probs up to rounding. The prompts differ in tokens and padding, so a
+    wrong row order (e.g. `jnp.tile`) changes the output."""
+    _, params, config = llama()
+    k = 3
+    tokens, mask = left_padded_prompts(batch=3)
+    rep_tokens, rep_mask = np.repeat(tokens, k, axis=0), np.repeat(mask, k, axis=0)
+    base = dict(max_new_tokens=12, temperature=0.7, greedy=greedy, pad_token_id=PAD_ID)
+    base.update(decode_chunks=2, exit_early=exit_early)
+    key = jax.random.key(7)
+    free = jit_generate(params, config, rep_tokens, rep_mask, key, SamplingConfig(**base))
+    # Stop ids that end every row within its first few tokens (early exit is exercised).
+    cfg = SamplingConfig(**base, stop_token_ids=tuple({int(t) for t in free.tokens[:, 2]}))
+    want = jit_generate(params, config, rep_tokens, rep_mask, key, cfg)
+    got = jit_generate_k(params, config, tokens, mask, key, cfg, num_samples=k)
+    for name in ("tokens", "mask", "sequence_lengths", "stopped", "decode_steps"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert_f32_close(got.logprobs, want.logprobs, ulps=MODEL)
+    assert int(got.decode_steps) <= 3 if exit_early else int(got.decode_steps) == 12
+    # Not vacuous: prompts give different completions; a tiled (wrong) order would not match.
+    wrong = jit_generate(params, config, np.tile(tokens, (k, 1)), np.tile(mask, (k, 1)), key, cfg)
+    assert not np.array_equal(wrong.tokens, want.tokens)
+    if not greedy:  # sampled rows of one prompt differ
+        groups = np.asarray(got.tokens).reshape(3, k, -1)
+        assert all(len({row.tobytes() for row in g}) > 1 for g in groups)
+    one = jit_generate_k(params, config, rep_tokens, rep_mask, key, cfg, num_samples=1)
+    np.testing.assert_array_equal(one.tokens, want.tokens)
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        generate(params, config, tokens, mask, key, cfg, num_samples=0)
