@@ -309,9 +309,9 @@ def run_peer(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 
 
 def phased_iteration(n_buckets, config, pm, frozen, prompts, prompt_mask, state):
-    """The trainer's phased iteration with length buckets (see `rlhf_jax.trainer._programs`):
-    `step(state, key) -> (state, metrics)`, with the update compiled for every bucket up front (so
-    no timed iteration compiles). Returns `(step, state)`."""
+    """The trainer's phased iteration with length buckets (see
+    `rlhf_jax.trainer.iteration_programs`): `step(state, key) -> (state, metrics)`, with the update
+    compiled for every bucket up front (so no timed iteration compiles). Returns `(step, state)`."""
     config = dataclasses.replace(config, length_buckets=n_buckets)
     rollout = jax.jit(functools.partial(ppo.rollout, config=config, ppo_models=pm))
 

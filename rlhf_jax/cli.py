@@ -133,6 +133,23 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from rlhf_jax import plan
+
+    try:
+        return plan.main(
+            args.config,
+            args.topology,
+            args.overrides,
+            one_jit=not args.no_one_jit,
+            gpus=args.gpus,
+            gpu_type=args.gpu_type,
+            json_path=args.json,
+        )
+    except (ValueError, RuntimeError, *_known_errors()) as err:
+        return _error(str(err))
+
+
 def _demo(args: argparse.Namespace) -> int:
     from rlhf_jax.demo import run_demo
 
@@ -193,6 +210,24 @@ def build_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="write PNG training curves of a run")
     plot.add_argument("run", help="run directory")
     plot.set_defaults(func=_plot)
+
+    plan = sub.add_parser(
+        "plan",
+        help="compile a PPO run for a TPU slice (needs libtpu, no TPU) or N GPUs and say "
+        "whether it fits",
+    )
+    plan.add_argument("--config", required=True, help="the run's YAML config (as for train ppo)")
+    plan.add_argument("--topology", help="a TPU slice: v5e-16, v5p-64, v6e-64, v4-32, v5p:2x4x4")
+    plan.add_argument(
+        "--gpus", type=int, help="N GPUs instead (compiled for N CPU devices: an estimate)"
+    )
+    plan.add_argument("--gpu-type", default="h100", help="a100 | h100 | h200")
+    plan.add_argument("--json", help="also write the figures to this JSON file")
+    plan.add_argument(
+        "--no-one-jit", action="store_true", help="skip the one-jit ppo_iteration program"
+    )
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    plan.set_defaults(func=_plan)
 
     demo = sub.add_parser("demo", help="run the built-in end-to-end demo (no downloads)")
     demo.add_argument("--out", default="demo_out", help="output directory")
