@@ -265,17 +265,22 @@ def print_table(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(header)
     for algo in algos:
         r = results[algo]
-        speed = base["s_per_iter"] / r["s_per_iter"] if base else float("nan")
         mem = r.get("peak_estimate_mib", float("nan"))
-        mem_ratio = mem / base["peak_estimate_mib"] if base and "peak_estimate_mib" in base else 0
+
+        def ratio(value: float | None) -> str:  # "-" without PPO in the run
+            return f"{value:6.2f}x" if value is not None else f"{'-':>7s}"
+
+        speed = base["s_per_iter"] / r["s_per_iter"] if base else None
+        has_mem = base is not None and "peak_estimate_mib" in base
+        mem_ratio = mem / base["peak_estimate_mib"] if has_mem else None
         line = (
-            f"{algo:{width}s} {r['s_per_iter']:8.3f} {speed:6.2f}x {r['compile_s']:7.1f}s "
+            f"{algo:{width}s} {r['s_per_iter']:8.3f} {ratio(speed)} {r['compile_s']:7.1f}s "
             f"{r.get('arguments_mib', 0):9.1f} {r.get('temporaries_mib', 0):9.1f} {mem:9.1f} "
-            f"{mem_ratio:6.2f}x"
+            f"{ratio(mem_ratio)}"
         )
         if "process_peak_rss_mib" in r:
-            rss_ratio = r["process_peak_rss_mib"] / base["process_peak_rss_mib"] if base else 0
-            line += f" {r['process_peak_rss_mib']:8.0f} {rss_ratio:6.2f}x"
+            rss = r["process_peak_rss_mib"] / base["process_peak_rss_mib"] if base else None
+            line += f" {r['process_peak_rss_mib']:8.0f} {ratio(rss)}"
         print(line + f"   {r['description']}")
     print("'vs PPO': speed = PPO time / this time; memory = this / PPO (lower is less memory)")
     for algo in algos:
