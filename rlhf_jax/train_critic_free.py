@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
@@ -34,11 +36,13 @@ from rlhf_jax.trainer import (
     enable_compilation_cache,
     fetch_metrics,
     frozen_params,
+    gather_to_main,
     load_params,
+    local_rows,
     open_checkpointer,
     read_model_config,
     resolve_model_path,
-    to_host,
+    score_rows,
 )
 
 
@@ -49,6 +53,40 @@ class _Dispatched(NamedTuple):
     iteration: int
     out: dict[str, Any]
     clock: IterationClock
+
+
+def _score_own_rows(
+    score_fn: Callable[..., tuple[np.ndarray, dict[str, float]]],
+    mesh: jax.sharding.Mesh,
+    algo: cf.CriticFreeConfig,
+    roll: cf.GroupRollout,
+    prompt_texts: Sequence[str],
+    columns: Mapping[str, Sequence[Any]],
+) -> tuple[np.ndarray, dict[str, float]]:
+    """`score_fn` (`reward_functions.make_score_fn`) on this process's rows of the sharded
+    rollout only: their tokens, masks and reward-model scores are read from its own shards, and
+    the scores of all processes gathered (`trainer.score_rows`). Where a process's rows would
+    split a group (`num_prompts` not divisible by the process count) every process scores the
+    whole batch instead."""
+    k, batch = algo.group_size, algo.batch_size
+    rows = sharding.local_batch_slice(mesh, batch)
+    if rows.start % k or rows.stop % k:
+        rows = slice(0, batch)
+    prompts = slice(rows.start // k, rows.stop // k)
+
+    def score() -> tuple[np.ndarray, dict[str, float]]:
+        gen = roll.generation
+        mine = roll._replace(
+            generation=gen._replace(
+                tokens=local_rows(gen.tokens, rows), mask=local_rows(gen.mask, rows)
+            ),
+            model_scores=None if roll.model_scores is None else local_rows(roll.model_scores, rows),
+        )
+        return score_fn(
+            mine, list(prompt_texts)[prompts], {c: list(v)[prompts] for c, v in columns.items()}
+        )
+
+    return score_rows(score, rows, batch)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,22 +195,30 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         reward = load_params(reward_path, reward_config, mesh, mc.allow_pickle)
     cf_models = cf.CriticFreeModels(policy=policy_config, reward=reward_config)
     shardings = cf.critic_free_shardings(algo, cf_models, mesh)
-    state = jax.jit(lambda p: cf.init_state(p, algo), out_shardings=shardings.state)(policy)
-    frozen = cf.CriticFreeFrozen(
-        ref=frozen_params(policy, mc.frozen_dtype) if algo.core().needs_ref else None,
-        reward=frozen_params(reward, mc.frozen_dtype),
-    )
-    del policy, reward
-    key = jax.random.key(config.seed)
+    init = jax.jit(lambda p: cf.init_state(p, algo), out_shardings=shardings.state)
+    # Replicated over the mesh (every process holds it): a single-device key cannot be saved in
+    # a multi-process checkpoint.
+    key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings.replicated)()
     position = data.DataPosition()
-    if latest is not None:
+    if latest is not None:  # restored straight into its shardings: no fresh state is built
         abstract = {
-            "state": ckpt.abstract_like(state),
+            "state": jax.tree.map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                init.eval_shape(policy),
+                shardings.state,
+            ),
             "rng": {"key": ckpt.abstract_like(jax.random.key_data(key))},
         }
         restored, meta = checkpointer.restore(latest, abstract)
         state, key = restored["state"], jax.random.wrap_key_data(restored["rng"]["key"])
         position = data.DataPosition(*meta["data_position"])
+    else:
+        state = init(policy)
+    frozen = cf.CriticFreeFrozen(
+        ref=frozen_params(policy, mc.frozen_dtype) if algo.core().needs_ref else None,
+        reward=frozen_params(reward, mc.frozen_dtype),
+    )
+    del policy, reward
 
     if mc.reward_function is not None:
         terms = rf.reward_terms([mc.reward_function])
@@ -182,8 +228,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         step = cf.make_host_iteration(
             algo,
             cf_models,
-            # The rollout is sharded over the mesh (and over processes): score its global values.
-            lambda roll, *args, **kwargs: score_fn(to_host(roll), *args, **kwargs),
+            functools.partial(_score_own_rows, score_fn, mesh, algo),
             rollout_jit_kwargs=dict(
                 in_shardings=(shardings.state, shardings.frozen, rep, rep, rep)
             ),
@@ -242,8 +287,8 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                     shuffle=config.data.shuffle,
                 )
                 key, step_key = jax.random.split(key)
-                batch = (dataset.tokens[rows], dataset.mask[rows], step_key)
-                args = (state, frozen, *sharding.place_replicated(batch, mesh))
+                batch = (dataset.tokens[rows], dataset.mask[rows])
+                args = (state, frozen, *sharding.place_replicated(batch, mesh), step_key)
                 with sharding.with_rules(mesh):
                     if mc.reward_function is not None:
                         columns = {k: [v[i] for i in rows] for k, v in dataset.columns.items()}
@@ -275,7 +320,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                 metrics = log(pending)
         checkpointer.wait()
         if status == "finished":
-            policy_params = to_host(state.policy_params)  # every process takes part
+            policy_params = gather_to_main(state.policy_params)  # every process takes part
             if main:
                 models.hf.save(
                     policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer

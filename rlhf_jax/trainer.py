@@ -281,6 +281,105 @@ def to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
+def local_rows(x: jax.Array, rows: slice) -> np.ndarray:
+    """Rows `rows` of `x`, an array whose leading axis is split over the mesh: this process's own
+    rows (`sharding.local_batch_slice`) are read from its own shards (no collective; none of the
+    other processes' rows cross the network); all rows (every process passing `slice(None)`)
+    are gathered (`to_host`). ValueError for other rows of a multi-process array."""
+    n = x.shape[0]
+    start, stop, _ = rows.indices(n)
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))[start:stop]
+    if (start, stop) == (0, n):
+        return np.asarray(to_host(x))
+    out: np.ndarray | None = None
+    covered = np.zeros(stop - start, bool)
+    for shard in x.addressable_shards:
+        lo, hi, _ = (shard.index[0] if shard.index else slice(None)).indices(n)
+        a, b = max(lo, start), min(hi, stop)
+        if a >= b or covered[a - start : b - start].all():
+            continue
+        data_ = np.asarray(shard.data)
+        if out is None:
+            out = np.empty((stop - start, *x.shape[1:]), data_.dtype)
+        out[a - start : b - start] = data_[a - lo : b - lo]
+        covered[a - start : b - start] = True
+    if out is None or not covered.all():
+        raise ValueError(
+            f"rows {start}:{stop} of a batch of {n} are not all on this process's devices; pass "
+            "the process's own rows (sharding.local_batch_slice) or all of them"
+        )
+    return out
+
+
+def score_rows(
+    score: Callable[[], tuple[Any, Mapping[str, float]]], rows: slice, batch_size: int
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Host reward scores of a global batch of `batch_size` rows, each process scoring only
+    `rows` (its own, `sharding.local_batch_slice`; or every row, then no process needs the
+    others'). `score() -> (scores of rows, metrics)` runs here; the scores of all processes are
+    gathered (a float per row) in row order and each metric (a mean over rows; every process
+    scores as many) is averaged over the processes. Returns float32 `[batch_size]` scores and the
+    metrics, the same on every process. An exception in any process's `score` is raised in every
+    process (the failing one re-raises its own), so none waits forever in a later collective."""
+    start, stop, _ = rows.indices(batch_size)
+    error: BaseException | None = None
+    try:
+        out, metrics = score()
+        scores = np.asarray(out, np.float32).reshape(-1)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if scores.shape != (stop - start,):
+            raise ValueError(f"expected {stop - start} scores, got shape {list(scores.shape)}")
+    except Exception as err:  # re-raised below, after every process has heard of it
+        error, scores, metrics = err, np.zeros(stop - start, np.float32), {}
+    if jax.process_count() == 1 or (start, stop) == (0, batch_size):
+        if error is not None:
+            raise error
+        return scores, metrics
+    from jax.experimental import multihost_utils
+
+    failed = np.asarray(multihost_utils.process_allgather(np.array(error is not None)))
+    if failed.any():
+        if error is not None:
+            raise error
+        bad = ", ".join(str(int(i)) for i in np.flatnonzero(failed))
+        raise RuntimeError(f"the reward function failed in process {bad}; see its output")
+    keys = sorted(metrics)
+    gathered = multihost_utils.process_allgather(
+        {
+            "start": np.array(start),
+            "scores": scores,
+            "metrics": np.array([metrics[k] for k in keys], np.float64),
+        }
+    )
+    order = np.argsort(np.asarray(gathered["start"]))
+    all_scores = np.concatenate([np.asarray(gathered["scores"])[i] for i in order])
+    if all_scores.shape != (batch_size,):
+        raise RuntimeError(
+            f"the processes scored {all_scores.shape[0]} rows of a batch of {batch_size}"
+        )
+    means = np.asarray(gathered["metrics"]).mean(axis=0)
+    return all_scores, {k: float(v) for k, v in zip(keys, means)}
+
+
+def gather_to_main(tree: Any) -> Any:
+    """The global values of a (possibly sharded, multi-process) pytree as NumPy on process 0
+    (e.g. to export it) and None on the others. Leaf by leaf: a process other than 0 holds one
+    gathered leaf at a time beyond its shards, and drops it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    main = sharding.is_main_process()
+    leaves, treedef = jax.tree.flatten(tree)
+    out = []
+    for leaf in leaves:
+        full = multihost_utils.process_allgather(leaf, tiled=True)
+        out.append(np.asarray(full) if main else None)
+        del full
+    return jax.tree.unflatten(treedef, out) if main else None
+
+
 def fetch_metrics(device_metrics: Mapping[str, Any]) -> dict[str, float]:
     """An iteration's metrics as host floats, its device arrays fetched as one tree (`to_host`:
     one device-to-host transfer, not one `float()` per key; host numbers such as a reward
@@ -582,12 +681,11 @@ def _train(setup: _Setup) -> TrainResult:
             value = load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
         elif reward is not None:
             value = reward  # init_state copies it (models.value_from_reward semantics)
-        else:
-            value = sharding.shard_params(
-                jax.device_get(value_from_policy(policy, pm.policy)[0]),
-                models.logical_axes(pm.value),
-                mesh,
-            )
+        else:  # the policy's trunk + a zero score head, built where the shards lie
+            value = jax.jit(
+                lambda p: value_from_policy(p, pm.policy)[0],
+                out_shardings=models.param_shardings(pm.value, mesh),
+            )(policy)
         key = jax.random.key(config.seed)
         position = ptx_position = data.DataPosition()
         if setup.resume_step is not None:
@@ -710,7 +808,9 @@ def _train(setup: _Setup) -> TrainResult:
                     if reward is not None:
                         scores, reward_metrics = programs.score(reward, roll, width), {}
                     else:
-                        scores, reward_metrics = _host_scores(setup, roll, rows, iteration + 1)
+                        scores, reward_metrics = _host_scores(
+                            setup, roll, rows, local, iteration + 1
+                        )
                         scores = sharding.place_batch(scores[local], mesh)
                     state, device_metrics = programs.finish(
                         state, roll, scores, update_key, ptx_batch, width=width
@@ -783,32 +883,36 @@ def _changed_since_last_run(config: cfg.PPORunConfig, run_dir: Path) -> list[str
 
 
 def _host_scores(
-    setup: _Setup, roll: ppo.Rollout, rows: np.ndarray, iteration: int
+    setup: _Setup, roll: ppo.Rollout, rows: np.ndarray, local: slice, iteration: int
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Decodes the rollout and calls the host reward function: float32 `[B]` scores (global
-    batch) and the reward function's metrics."""
-    gen = to_host(roll.generation)
-    tokens, response_mask = np.asarray(gen.tokens), np.asarray(gen.mask, bool)
-    ds, tok = setup.dataset, setup.tokenizer
-    prompt_tokens = [ds.tokens[r][ds.mask[r]].tolist() for r in rows]
-    completion_tokens = [t[m].tolist() for t, m in zip(tokens, response_mask)]
-    completions = tok.batch_decode(completion_tokens, skip_special_tokens=True)
-    columns = {name: [ds.columns[name][r] for r in rows] for name in ds.columns}
-    try:
-        scores, metrics = setup.reward_fn(
-            [ds.texts[r] for r in rows], completions, prompt_tokens, completion_tokens, columns
-        )
-    except ValueError as err:
-        raise type(err)(f"iteration {iteration}: {err}") from err
-    return np.asarray(scores, np.float32), metrics
+    """Decodes this process's rows (`local` of the global batch; their tokens and masks read
+    from its own shards) and calls the host reward function on them only (`score_rows`):
+    float32 `[B]` scores of the global batch and the reward function's metrics."""
+
+    def score() -> tuple[np.ndarray, dict[str, float]]:
+        tokens = local_rows(roll.generation.tokens, local)
+        response_mask = local_rows(roll.generation.mask, local).astype(bool)
+        ds, tok, mine = setup.dataset, setup.tokenizer, rows[local]
+        prompt_tokens = [ds.tokens[r][ds.mask[r]].tolist() for r in mine]
+        completion_tokens = [t[m].tolist() for t, m in zip(tokens, response_mask)]
+        completions = tok.batch_decode(completion_tokens, skip_special_tokens=True)
+        columns = {name: [ds.columns[name][r] for r in mine] for name in ds.columns}
+        try:
+            return setup.reward_fn(
+                [ds.texts[r] for r in mine], completions, prompt_tokens, completion_tokens, columns
+            )
+        except ValueError as err:
+            raise type(err)(f"iteration {iteration}: {err}") from err
+
+    return score_rows(score, local, len(rows))
 
 
 def _sample_rows(
     setup: _Setup, rows: np.ndarray, generation: Any, scores: Any
 ) -> list[dict[str, Any]]:
     n = setup.config.logging.num_samples
-    gen = to_host(generation)
-    responses, mask = np.asarray(gen.tokens)[:n], np.asarray(gen.mask, bool)[:n]
+    tokens, mask = to_host((generation.tokens, generation.mask))  # not the log-probs
+    responses, mask = np.asarray(tokens)[:n], np.asarray(mask, bool)[:n]
     texts = setup.tokenizer.batch_decode(
         [r[m].tolist() for r, m in zip(responses, mask)], skip_special_tokens=True
     )

@@ -384,12 +384,39 @@ def task_load(args: argparse.Namespace) -> dict[str, np.ndarray]:
     return {"read": np.asarray(reads), "held_layers": np.asarray(held), "equal": np.asarray(equal)}
 
 
+def counting_length_reward(completions: list[str], **kwargs: Any) -> list[float]:
+    """`reward_functions.length_reward`, appending how many rows this process scored to
+    ``$RLHF_COUNT_DIR/scored_<process index>.txt`` (one line per call)."""
+    import jax
+
+    from rlhf_jax.reward_functions import length_reward
+
+    out = length_reward(completions=completions, **kwargs)
+    directory = os.environ.get("RLHF_COUNT_DIR")
+    if directory:
+        with open(Path(directory) / f"scored_{jax.process_index()}.txt", "a") as f:
+            f.write(f"{len(completions)}\n")
+    return out
+
+
+def task_train_cli(args: argparse.Namespace) -> dict[str, np.ndarray]:
+    """`rlhf-jax train ...` with the argv the test wrote to ``train_cli.json`` beside ``--out``;
+    every process writes its exit status."""
+    import json
+
+    from rlhf_jax import cli
+
+    argv = json.loads((args.out.parent / "train_cli.json").read_text())
+    return {"rc": np.array(cli.main(argv))}
+
+
 TASKS: dict[str, Callable[[argparse.Namespace], dict[str, np.ndarray] | None]] = {
     "load": task_load,
     "reduce": task_reduce,
     "ppo": task_ppo,
     "ppo_shared": functools.partial(task_ppo, shared_value_head=True),
     "grpo": task_grpo,
+    "train_cli": task_train_cli,
 }
 
 
