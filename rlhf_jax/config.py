@@ -65,6 +65,8 @@ class ModelsConfig:
         "dots" (keep the weight-matmul outputs; recompute the elementwise work), "full" (least
         memory, about a third more compute) or "none" (keep everything); true/false mean
         "full"/"none".
+      attention: "auto" (TPU flash kernel on TPU, cuDNN on GPU in 16-bit, XLA elsewhere), "xla",
+        "flash" or "cudnn" (`models.ModelConfig.attention`).
       scan_layers: full passes scan over the layers (True) or run them unrolled (False); null:
         unrolled for models of at most 4 layers (`models.ModelConfig.scan_layers`).
       allow_pickle: allow `*.bin` (pickle) checkpoints, read with `torch.load(weights_only=True)`.
@@ -79,6 +81,7 @@ class ModelsConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     frozen_dtype: Literal["float32", "bfloat16", "float16"] | None = None
     remat: bool | Literal["none", "dots", "full"] = "dots"
+    attention: Literal["auto", "xla", "flash", "cudnn"] = "auto"
     scan_layers: bool | None = None
     allow_pickle: bool = False
 

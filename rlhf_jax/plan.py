@@ -326,6 +326,15 @@ def functools_partial(fn: Any, **static) -> Any:
     return lambda *args: fn(*args, **static)
 
 
+def _for_backend(config: models.ModelConfig, backend: str) -> models.ModelConfig:
+    """`config` with `attention="auto"` resolved for `backend` (the kernel or "xla")."""
+    from rlhf_jax.models import attention
+
+    if config.attention != "auto":
+        return config
+    return dataclasses.replace(config, attention=attention.kernel_for(config, backend) or "xla")
+
+
 def plan_ppo(
     run: cfg.PPORunConfig,
     devices: Sequence[Any],
@@ -342,6 +351,13 @@ def plan_ppo(
     from rlhf_jax import trainer
 
     pm, pc, prompt_len = ppo_shapes(run)
+    if topology.topology != "cpu":  # attention="auto" takes the kernel of the target, not this host
+        pm = ppo.PPOModels(
+            **{
+                name: None if c is None else _for_backend(c, "tpu")
+                for name, c in (("policy", pm.policy), ("value", pm.value), ("reward", pm.reward))
+            }
+        )
     trainer.check_mesh(run, devices)
     mesh = sharding.make_mesh(run.mesh, devices)
     programs = trainer.iteration_programs(pc, pm, mesh)

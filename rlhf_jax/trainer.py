@@ -169,6 +169,7 @@ def read_model_config(
         dtype=models_config.dtype,
         param_dtype=models_config.param_dtype,
         remat=models_config.remat,
+        attention=models_config.attention,
         scan_layers=models_config.scan_layers,
     )
 

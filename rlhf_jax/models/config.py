@@ -23,6 +23,7 @@ ROPE_TYPES = ("linear", "dynamic", "llama3")
 # Full passes of models with at most this many layers run unrolled (`ModelConfig.scan_layers`).
 UNROLL_MAX_LAYERS = 4
 REMAT = ("none", "dots", "full")
+ATTENTION = ("auto", "xla", "flash", "cudnn")
 _ROPE_REQUIRED_KEYS = {
     "linear": ("factor",),
     "dynamic": ("factor",),
@@ -113,6 +114,11 @@ class ModelConfig:
         about half the activation memory at no measured cost), "full" (recompute the layer from
         its input: least memory) or "none" (keep every activation). True/False mean
         "full"/"none".
+      attention: how a full pass attends (`rlhf_jax.models.attention`): "auto" (default: TPU's
+        Pallas flash kernel on TPU, cuDNN's fused attention on GPU in bfloat16/float16, the XLA
+        einsum + softmax elsewhere), "xla", "flash" or "cudnn". Cached passes (prefill,
+        decode), sliding-window models, soft-capped scores and GPT-2's per-layer scaling always
+        take the XLA path.
       scan_layers: run a full pass's layers as one `nn.scan` (True) or unrolled (False); None
         (default) scans when `num_layers > UNROLL_MAX_LAYERS`. A scan keeps compile time flat in
         depth; unrolled, shallow models avoid the scan's per-layer slicing and stacking (10% of
@@ -151,6 +157,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "dots"
+    attention: str = "auto"
     scan_layers: bool | None = None
     initializer_range: float = 0.02
     pad_token_id: int | None = None
@@ -220,6 +227,7 @@ class ModelConfig:
                 fail(f"{name}={getattr(self, name)!r} is not a floating dtype name")
         if self.remat not in REMAT:
             fail(f"remat must be one of {REMAT} (or true / false), got {self.remat!r}")
+        choice("attention", ATTENTION)
         if self.positions == "rope":
             if not 0.0 < self.rotary_pct <= 1.0:
                 fail(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from rlhf_jax.models import masks
+from rlhf_jax.models import attention, masks
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.rope import (  # noqa: F401 - _inv_freq, _materialized: for tests
     _apply_rope,
@@ -273,7 +273,11 @@ class Attention(nn.Module):
         if c.attn_scale_by_inverse_layer:
             scale = scale / (jnp.asarray(layer_idx) + 1).astype(_F32)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = _attend(q, k, v, allowed_BTS, scale, layout, c.attn_logit_softcap)
+        kernel = attention.kernel_for(c) if kv is None and queries is None else None
+        if kernel is not None:  # a full pass: the last query's row of its mask is the key mask
+            out = attention.fused_attention(kernel, q, k, v, allowed_BTS[:, -1], float(scale))
+        else:
+            out = _attend(q, k, v, allowed_BTS, scale, layout, c.attn_logit_softcap)
         out = _constrain(out, "batch", "length", "act_heads", None)
         o = Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), c.attn_out_bias, 2, name="o")
         return o(out), kv
