@@ -38,8 +38,8 @@ from rlhf_jax.trainer import (
     TrainResult,
     check_batch_mesh,
     fetch_metrics,
+    gather_to_main,
     open_checkpointer,
-    to_host,
 )
 
 
@@ -344,13 +344,15 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
         if saving:
             checkpointer.save(step, {"state": state}, {"data_position": list(position)})
     checkpointer.close()
-    params = to_host(state.params)  # every process takes part
+    # Every process takes part; only process 0 receives the model (leaf by leaf), normalises the
+    # reward head on it and writes it.
+    params = gather_to_main(state.params)
     summary = {k: v for k, v in metrics.items()}
-    if kind == "rm" and config.normalize and len(eval_rows):
-        scores = [np.asarray(pair_scores(params, model_config, batch_at(eval_rows))[0])]
-        params, stats = normalize_head(params, model_config, np.concatenate(scores))
-        summary["normalization"] = stats
     if main:
+        if kind == "rm" and config.normalize and len(eval_rows):
+            scores = [np.asarray(pair_scores(params, model_config, batch_at(eval_rows))[0])]
+            params, stats = normalize_head(params, model_config, np.concatenate(scores))
+            summary["normalization"] = stats
         models.hf.save(params, model_config, run_dir / "model", tokenizer=tokenizer)
         logger.message(f"exported the {kind} model to {run_dir / 'model'}")
     logger.close()
