@@ -1,7 +1,9 @@
 """Decoder LMs (GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3, Gemma 2/3), heads and HF checkpoint
 interop."""
 
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.models.hf import (
     config_from_hf,
     config_to_hf,
@@ -26,6 +28,7 @@ from rlhf_jax.models.sharded import jit_forward, param_shardings, sharded_init_p
 
 __all__ = [
     "KVCache",
+    "LoRAConfig",
     "ModelConfig",
     "config_from_hf",
     "config_to_hf",
@@ -36,6 +39,7 @@ __all__ = [
     "jit_forward",
     "lm_logits",
     "load",
+    "lora",
     "logical_axes",
     "param_shardings",
     "params_to_hf",

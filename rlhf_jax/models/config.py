@@ -12,6 +12,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rlhf_jax.models.lora import LoRAConfig, check_family
+
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 # Attention kinds of `ModelConfig.layer_types` (HF names).
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -125,6 +127,8 @@ class ModelConfig:
         a PPO iteration of a 2-layer model on CPU). Params are stacked either way.
       initializer_range: std of the normal init of kernels and embeddings.
       pad_token_id, bos_token_id, eos_token_id: carried for export only.
+      lora: LoRA adapters on the projections (`rlhf_jax.models.lora.LoRAConfig`); None: none.
+        The params then hold `lora_a` / `lora_b` beside each targeted kernel.
     """
 
     family: str
@@ -172,8 +176,11 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            object.__setattr__(self, "lora", LoRAConfig(**self.lora))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", freeze_rope_scaling(self.rope_scaling))
         if isinstance(self.layer_types, list):
@@ -334,6 +341,10 @@ class ModelConfig:
                 "needs num_kv_heads == num_heads and num_heads * head_dim == hidden_size, got "
                 f"{self.num_kv_heads}, {self.num_heads}, {self.head_dim}, {self.hidden_size}"
             )
+        try:
+            check_family(self)
+        except ValueError as err:
+            fail(str(err))
 
     @property
     def rotary_dim(self) -> int:

@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 
 from rlhf_jax.models import attention, masks
+from rlhf_jax.models import lora as lora_init
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.rope import (  # noqa: F401 - _inv_freq, _materialized: for tests
     _apply_rope,
@@ -133,7 +134,30 @@ class Dense(nn.Module):
         x_2d = x.astype(dtype).reshape(-1, int(np.prod(contract)))
         kernel_2d = kernel.astype(dtype).reshape(x_2d.shape[1], -1)
         out = _F32 if self.float32_out else None
-        y = jnp.dot(x_2d, kernel_2d, preferred_element_type=out).reshape(lead + self.features)
+        y = jnp.dot(x_2d, kernel_2d, preferred_element_type=out)
+        lora = c.lora
+        if (
+            lora is not None
+            and self.name in lora.targets
+            and (self.is_initializing() or self.has_variable("params", "lora_a"))
+        ):  # unmerged LoRA: y += (alpha / r) (x A) B; adapters float32, applied in compute dtype
+            in_axes, out_axes = self.axes[: self.in_dims], self.axes[self.in_dims :]
+            a = self.param(
+                "lora_a",
+                nn.with_logical_partitioning(lora_init.a_init(x_2d.shape[1]), in_axes + (None,)),
+                contract + (lora.rank,),
+                jnp.float32,
+            )
+            b = self.param(
+                "lora_b",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
+                (lora.rank,) + self.features,
+                jnp.float32,
+            )
+            xa = jnp.dot(x_2d, a.astype(dtype).reshape(x_2d.shape[1], lora.rank))
+            xab = jnp.dot(xa, b.astype(dtype).reshape(lora.rank, -1), preferred_element_type=out)
+            y = y + (lora.scale * xab).astype(y.dtype)
+        y = y.reshape(lead + self.features)
         if self.use_bias:
             bias_axes = self.axes[len(self.axes) - len(self.features) :]
             bias = self.param(
