@@ -36,6 +36,7 @@ from rlhf_jax import models
 from rlhf_jax import sharding as sh
 from rlhf_jax.advantages import AdvantageInputs, estimate_advantages
 from rlhf_jax.losses import LOSS_AGGREGATIONS, AggregationMode, aggregate_loss, ppo_policy_loss
+from rlhf_jax.models import lora
 from rlhf_jax.ops import masked_mean, masked_sum
 from rlhf_jax.optim import (
     accumulate_grads,
@@ -535,15 +536,21 @@ class Experience(flax.struct.PyTreeNode):
     sequence_lengths: jax.Array  # int32 [B]
 
 
-def init_state(policy_params: Params, config: CriticFreeConfig) -> CriticFreeState:
+def init_state(
+    policy_params: Params, config: CriticFreeConfig, cf_models: CriticFreeModels | None = None
+) -> CriticFreeState:
     """Fresh optimiser and KL state around a copy of `policy_params` (so iterations can donate the
     state while the same arrays serve as the frozen reference). Trained params must be float32
-    (`optim.check_trainable`)."""
-    check_trainable(policy_params, "policy params")
+    (`optim.check_trainable`). With a LoRA policy (pass `cf_models`) only the trainable half
+    (`lora.split`) has optimiser state and must be float32."""
+    if cf_models is None and lora.has_adapters(policy_params):
+        raise ValueError("the params hold LoRA adapters: pass cf_models to init_state")
+    policy_lora = None if cf_models is None else cf_models.policy.lora
+    check_trainable(lora.split(policy_params, policy_lora)[0], "policy params")
     policy_params = jax.tree.map(jnp.copy, policy_params)
     return CriticFreeState(
         policy_params=policy_params,
-        opt_state=config.optimizer().init(policy_params),
+        opt_state=config.optimizer().init(lora.split(policy_params, policy_lora)[0]),
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),
@@ -607,7 +614,7 @@ def rollout_from_spec(
         raise ValueError(
             f"prompt_mask{list(prompt_mask_NP.shape)} must match prompts{list(prompts_NP.shape)}"
         )
-    if spec.needs_ref and frozen.ref is None:
+    if spec.needs_ref and frozen.ref is None and cf_models.policy.lora is None:
         raise ValueError(
             "this config uses a KL to the reference policy (a KL coefficient, kl_target or beta "
             "is set) but frozen.ref is None; pass the reference parameters or set the KL "
@@ -640,7 +647,9 @@ def rollout_from_spec(
         )
     ref_logprobs = old_logprobs
     if spec.needs_ref:
-        ref_logprobs, _ = policy_logprobs(frozen.ref, cf_models.policy, *common, **logprob_kwargs)
+        # With LoRA the reference is the policy's base, adapters off (no second copy).
+        ref = frozen.ref if frozen.ref is not None else lora.base(state.policy_params)
+        ref_logprobs, _ = policy_logprobs(ref, cf_models.policy, *common, **logprob_kwargs)
     model_scores = None
     if cf_models.reward is not None:
         model_scores = reward_scores(frozen.reward, cf_models.reward, *common)
@@ -892,8 +901,15 @@ def update(
     core = config.core()
     tx = config.optimizer()
     n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    param_specs = models.logical_axes(cf_models.policy)
+    # Only the trainable half (all of the policy without LoRA) is differentiated, accumulated,
+    # optimised and carried; a LoRA base is a loop-invariant closure.
+    policy_lora = cf_models.policy.lora
+    trainable, frozen = lora.split(state.policy_params, policy_lora)
+    state = state.replace(policy_params=trainable)
+    grad_fn = jax.value_and_grad(
+        lambda t, *args, **kwargs: loss_fn(lora.join(t, frozen), *args, **kwargs), has_aux=True
+    )
+    param_specs = lora.split(models.logical_axes(cf_models.policy), policy_lora)[0]
     mask_f = exp.mask.astype(jnp.float32)
 
     def minibatch_step(state: CriticFreeState, inputs):
@@ -932,6 +948,7 @@ def update(
         num_mini_batches=n_mb,
         gradient_accumulation_steps=n_acc,
     )
+    state = state.replace(policy_params=lora.join(state.policy_params, frozen))
     return state, summarize_update(aux)
 
 
@@ -1036,7 +1053,7 @@ def critic_free_shardings(
     abstract_policy = jax.eval_shape(
         lambda k: models.init_params(cf_models.policy, k), jax.random.key(0)
     )
-    abstract = jax.eval_shape(lambda p: init_state(p, config), abstract_policy)
+    abstract = jax.eval_shape(lambda p: init_state(p, config, cf_models), abstract_policy)
     rep = sh.replicated(mesh)
     state = CriticFreeState(
         policy_params=policy,
@@ -1048,7 +1065,8 @@ def critic_free_shardings(
     reward = None
     if cf_models.reward is not None:
         reward = models.param_shardings(cf_models.reward, mesh, rules)
-    frozen = CriticFreeFrozen(ref=policy if config.core().needs_ref else None, reward=reward)
+    needs_ref = config.core().needs_ref and cf_models.policy.lora is None  # LoRA: the base
+    frozen = CriticFreeFrozen(ref=policy if needs_ref else None, reward=reward)
     return CriticFreeShardings(state=state, frozen=frozen, replicated=rep)
 
 

@@ -43,6 +43,8 @@ from rlhf_jax.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from rlhf_jax.models import lora
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.ops import INVALID_LOGPROB, masked_mean, masked_sum, masked_whiten, response_mask
 from rlhf_jax.optim import (
     accumulate_grads,
@@ -175,6 +177,11 @@ class PPOModels:
         return self.value is None
 
     @property
+    def value_lora(self) -> LoRAConfig | None:
+        """The value model's LoRA (None: its params train whole; a shared head always does)."""
+        return None if self.value is None else self.value.lora
+
+    @property
     def value_head(self) -> models.ModelConfig:
         """Config whose `score` head the value function uses: the value model's, or with a shared
         head the policy's architecture with a scalar score head."""
@@ -202,9 +209,10 @@ class PPOModels:
 
 
 class FrozenParams(NamedTuple):
-    """Parameters that PPO never updates."""
+    """Parameters that PPO never updates. With LoRA on the policy (`policy.lora`) `ref` is None:
+    the reference is the policy's own base with the adapters off (`lora.base`)."""
 
-    ref: Params
+    ref: Params | None
     reward: Params
 
 
@@ -422,10 +430,21 @@ def rollout(
         old_logprobs, _ = policy_logprobs(
             state.policy_params, ppo_models.policy, *common, **logprob_kwargs
         )
-    ref_logprobs, _ = policy_logprobs(frozen.ref, ppo_models.policy, *common, **logprob_kwargs)
+    ref_params = reference_params(state, frozen, ppo_models)
+    ref_logprobs, _ = policy_logprobs(ref_params, ppo_models.policy, *common, **logprob_kwargs)
     value_mask = value_mask_for(gen.sequence_lengths, gen.tokens.shape[1], config.score_position)
     values = state_values(state.policy_params, state.value_params, ppo_models, *common, value_mask)
     return Rollout(prompts_BP, prompt_mask_BP, gen, old_logprobs, ref_logprobs, values)
+
+
+def reference_params(state: PPOState, frozen: FrozenParams, ppo_models: PPOModels) -> Params:
+    """The reference policy's params: `frozen.ref`, or with LoRA (and `frozen.ref` None) the
+    policy's base without its adapters (the same arrays: no second copy)."""
+    if frozen.ref is not None:
+        return frozen.ref
+    if ppo_models.policy.lora is None:
+        raise ValueError("frozen.ref is None; pass the reference policy's params")
+    return lora.base(state.policy_params)
 
 
 def response_buckets(config: PPOConfig) -> tuple[int, ...]:
@@ -561,24 +580,34 @@ def optimizers(config: PPOConfig) -> tuple[optax.GradientTransformation, ...]:
     return config.optimizer(), config.optimizer(value_lr)
 
 
-def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -> PPOState:
+def init_state(
+    policy_params: Params,
+    value_params: Params,
+    config: PPOConfig,
+    ppo_models: PPOModels | None = None,
+) -> PPOState:
     """Fresh optimiser and KL-controller state around copies of the given parameters
     (`value_params`: the value model's, or `value_head_init(policy_config)` for a value head on
     the policy trunk).
 
     The state owns its buffers, so iterations can donate it even when `policy_params` are the same
     arrays as the frozen reference (the usual start) or `value_params` the reward model's.
-    Trained params must be float32 (`optim.check_trainable`; cast frozen ones as you like).
+    Trained params must be float32 (`optim.check_trainable`; cast frozen ones as you like). With
+    LoRA models (pass `ppo_models`) only the trainable half (`lora.split`: adapters and the
+    modules in `train_modules`) has optimiser state and must be float32; the base may be 16-bit.
     """
-    check_trainable(policy_params, "policy params")
-    check_trainable(value_params, "value params")
+    policy_lora, value_lora = _loras(policy_params, value_params, ppo_models)
+    policy_train, _ = lora.split(policy_params, policy_lora)
+    value_train, _ = lora.split(value_params, value_lora)
+    check_trainable(policy_train, "policy params")
+    check_trainable(value_train, "value params")
     policy_tx, value_tx = optimizers(config)
     policy_params, value_params = jax.tree.map(jnp.copy, (policy_params, value_params))
     return PPOState(
         policy_params=policy_params,
         value_params=value_params,
-        policy_opt_state=policy_tx.init(policy_params),
-        value_opt_state=value_tx.init(value_params),
+        policy_opt_state=policy_tx.init(lora.split(policy_params, policy_lora)[0]),
+        value_opt_state=value_tx.init(lora.split(value_params, value_lora)[0]),
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),
@@ -588,6 +617,14 @@ def init_state(policy_params: Params, value_params: Params, config: PPOConfig) -
             else None
         ),
     )
+
+
+def _loras(policy_params, value_params, ppo_models):
+    if ppo_models is None:
+        if lora.has_adapters(policy_params) or lora.has_adapters(value_params):
+            raise ValueError("the params hold LoRA adapters: pass ppo_models to init_state")
+        return None, None
+    return ppo_models.policy.lora, ppo_models.value_lora
 
 
 class PtxBatch(NamedTuple):
@@ -713,8 +750,20 @@ def update(
     """
     policy_tx, value_tx = optimizers(config)
     n_mb, n_acc = config.num_mini_batches, config.gradient_accumulation_steps
-    grad_fn = jax.value_and_grad(_loss, argnums=(0, 1), has_aux=True)
-    param_specs = param_logical_axes(ppo_models)
+    # Only the trainable halves (all of a model without LoRA) are differentiated, accumulated,
+    # optimised and carried through the loops; a LoRA base is a loop-invariant closure.
+    policy_lora, value_lora = ppo_models.policy.lora, ppo_models.value_lora
+    policy_params, policy_frozen = lora.split(state.policy_params, policy_lora)
+    value_params, value_frozen = lora.split(state.value_params, value_lora)
+    state = state.replace(policy_params=policy_params, value_params=value_params)
+
+    def trainable_loss(policy_train, value_train, *args):
+        policy = lora.join(policy_train, policy_frozen)
+        return _loss(policy, lora.join(value_train, value_frozen), *args)
+
+    grad_fn = jax.value_and_grad(trainable_loss, argnums=(0, 1), has_aux=True)
+    policy_specs, value_specs = param_logical_axes(ppo_models)
+    param_specs = (lora.split(policy_specs, policy_lora)[0], lora.split(value_specs, value_lora)[0])
     if ptx is not None:
         n = ptx.tokens.shape[0]
         if n % (n_mb * n_acc):
@@ -772,6 +821,10 @@ def update(
         num_mini_batches=n_mb,
         gradient_accumulation_steps=n_acc,
         per_minibatch=ptx,
+    )
+    state = state.replace(
+        policy_params=lora.join(state.policy_params, policy_frozen),
+        value_params=lora.join(state.value_params, value_frozen),
     )
     return state, summarize_update(aux)
 
@@ -944,7 +997,7 @@ def ppo_shardings(
         value = {"score": value["score"]}
     reward = models.param_shardings(ppo_models.reward, mesh, rules)
     abstract = jax.eval_shape(
-        lambda p, v: init_state(p, v, config),
+        lambda p, v: init_state(p, v, config, ppo_models),
         abstract_params(ppo_models.policy),
         abstract_value_params(ppo_models),
     )
@@ -961,7 +1014,7 @@ def ppo_shardings(
     )
     return PPOShardings(
         state=state,
-        frozen=FrozenParams(ref=policy, reward=reward),
+        frozen=FrozenParams(ref=None if ppo_models.policy.lora else policy, reward=reward),
         batch=sh.batch_sharding(mesh, 2),
         replicated=rep,
     )
@@ -987,7 +1040,7 @@ def jit_init_state(
     usually also the frozen reference)."""
 
     def fn(policy_params, value_params):
-        return init_state(policy_params, value_params, config)
+        return init_state(policy_params, value_params, config, ppo_models)
 
     if mesh is None:
         return sh.jit_with_rules(fn, None, rules)

@@ -195,7 +195,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         reward = load_params(reward_path, reward_config, mesh, mc.allow_pickle)
     cf_models = cf.CriticFreeModels(policy=policy_config, reward=reward_config)
     shardings = cf.critic_free_shardings(algo, cf_models, mesh)
-    init = jax.jit(lambda p: cf.init_state(p, algo), out_shardings=shardings.state)
+    init = jax.jit(lambda p: cf.init_state(p, algo, cf_models), out_shardings=shardings.state)
     # Replicated over the mesh (every process holds it): a single-device key cannot be saved in
     # a multi-process checkpoint.
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings.replicated)()

@@ -235,7 +235,7 @@ def iteration_programs(
     """
     shardings = ppo.ppo_shardings(ppo_config, ppo_models, mesh)
     state_sh, rep = shardings.state, shardings.replicated
-    init_fn = lambda p, v: ppo.init_state(p, v, ppo_config)
+    init_fn = lambda p, v: ppo.init_state(p, v, ppo_config, ppo_models)
     abstract = jax.eval_shape(
         init_fn,
         jax.eval_shape(models.init_params, ppo_models.policy, jax.random.key(0)),

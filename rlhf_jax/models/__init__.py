@@ -3,7 +3,6 @@ interop."""
 
 from rlhf_jax.models import lora
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.models.hf import (
     config_from_hf,
     config_to_hf,
@@ -13,6 +12,7 @@ from rlhf_jax.models.hf import (
     save,
     value_from_reward,
 )
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.models.model import (
     KVCache,
     forward,
