@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import models
+from rlhf_jax.models import lora
 from rlhf_jax.models.config import freeze_rope_scaling
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -226,6 +227,8 @@ def restore_params(
     shared_head = item == "value" and meta.get("shared_value_head", False)
     if shared_head:
         shapes = {"score": shapes["score"]}
+    elif config.lora is not None:  # a LoRA run saves only the trainable half
+        shapes = lora.split(shapes, config.lora)[0]
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes
     )
@@ -234,7 +237,31 @@ def restore_params(
     if shared_head:
         policy, _ = restore_params(checkpoint_dir, "policy", sharding=sharding)
         params = {**{k: v for k, v in policy.items() if k != "lm_head"}, "score": params["score"]}
+    elif config.lora is not None:
+        params = lora.join(params, lora.split(_lora_base(meta, item, sharding), config.lora)[1])
     return params, config
+
+
+def _lora_base(meta: Mapping[str, Any], item: str, sharding: Any) -> Any:
+    """The base model of a LoRA run's `item`, read from the model path the run recorded: the
+    policy's; a value model's own, else the reward model's, else the policy's trunk."""
+    sources = meta.get("sources", {})
+    names = ["policy"] if item == "policy" else ["value", "reward", "policy"]
+    for name in names:
+        source = sources.get(name)
+        if source is None:
+            continue
+        if not (Path(source) / "config.json").exists():
+            raise CheckpointError(
+                f"the checkpoint holds LoRA adapters only; their base model {source} (the run's "
+                f"models.{name}) is not available to rebuild the {item} model"
+            )
+        params, _ = models.load(source)
+        params = jax.device_put(params, sharding)
+        if name == "policy" and item == "value":  # the trunk; the score head is trained
+            params = {k: v for k, v in params.items() if k != "lm_head"}
+        return params
+    raise CheckpointError(f"the checkpoint records no base model for its LoRA {item} model")
 
 
 def load_run_tokenizer(checkpoint_dir: str | Path) -> Any:
@@ -247,8 +274,35 @@ def load_run_tokenizer(checkpoint_dir: str | Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
+def save_model(
+    params: Any,
+    config: models.ModelConfig,
+    out: Path,
+    *,
+    tokenizer: Any = None,
+    lora_mode: str = "merged",
+    base_path: str | None = None,
+) -> None:
+    """Writes one model: an HF checkpoint, or for a LoRA model with `lora_mode="adapter"` a peft
+    adapter directory (for `base_path`); "merged" folds the adapters into an HF checkpoint."""
+    if config.lora is not None and lora_mode == "adapter":
+        lora.save_peft(out, params, config, base_model_name_or_path=base_path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        return
+    if config.lora is not None:  # written in float32 (see `lora.merge`)
+        params = jax.tree.map(lambda x: x.astype("float32"), lora.merge(params, config))
+        config = dataclasses.replace(config, lora=None, param_dtype="float32")
+    models.save(params, config, out, tokenizer=tokenizer)
+
+
 def export(
-    checkpoint: str | Path, out_dir: str | Path, *, value: bool = True, reward: bool = False
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    value: bool = True,
+    reward: bool = False,
+    lora_mode: str = "merged",
 ) -> dict[str, Path]:
     """Writes a checkpoint's models in Hugging Face format with the run's tokenizer.
 
@@ -256,6 +310,11 @@ def export(
     `rlhf-jax generate --model out_dir` work); with `value`, the value model to `out_dir/value`
     and with `reward` the (frozen) reward model the run used to `out_dir/reward` (both
     `*ForSequenceClassification` checkpoints). Returns the written paths.
+
+    LoRA runs (whose checkpoints hold adapters only; the base is read from the model path the
+    run recorded): `lora_mode="merged"` writes full HF checkpoints with the adapters folded in;
+    "adapter" writes peft adapter directories (`adapter_config.json` +
+    `adapter_model.safetensors`) that `peft.PeftModel.from_pretrained(base, out_dir)` loads.
 
     Raises:
       CheckpointError: no complete checkpoint there, or the reward model's source directory
@@ -266,12 +325,28 @@ def export(
     meta = read_meta(checkpoint_dir)
     out = Path(out_dir)
     written = {}
+    if lora_mode not in ("merged", "adapter"):
+        raise ValueError(f"lora_mode must be 'merged' or 'adapter', got {lora_mode!r}")
+    sources = meta.get("sources", {})
     params, config = restore_params(checkpoint_dir, "policy")
-    models.save(params, config, out, tokenizer=tokenizer)
+    if lora_mode == "adapter" and config.lora is None:
+        raise CheckpointError("--lora adapter: this run trained the whole policy, not adapters")
+    save_model(
+        params,
+        config,
+        out,
+        tokenizer=tokenizer,
+        lora_mode=lora_mode,
+        base_path=sources.get("policy"),
+    )
     written["policy"] = out
     if value and "value" in meta.get("models", {}):
         params, config = restore_params(checkpoint_dir, "value")
-        models.save(params, config, out / "value", tokenizer=tokenizer)
+        base = sources.get("value") or sources.get("reward") or sources.get("policy")
+        mode = lora_mode if not meta.get("shared_value_head") else "merged"
+        save_model(
+            params, config, out / "value", tokenizer=tokenizer, lora_mode=mode, base_path=base
+        )
         written["value"] = out / "value"
     if reward:
         source = meta.get("sources", {}).get("reward")

@@ -1,7 +1,7 @@
 """Command-line entry point `rlhf-jax`.
 
     rlhf-jax train ppo --config configs/x.yaml [--resume] [key.sub=value ...]
-    rlhf-jax export RUN/checkpoints/N OUT [--no-value] [--reward]
+    rlhf-jax export RUN/checkpoints/N OUT [--no-value] [--reward] [--lora merged|adapter]
     rlhf-jax generate --model PATH --prompt TEXT [--prompt TEXT ...] [--greedy] [--json]
     rlhf-jax plot RUN
     rlhf-jax demo [--out DIR] [--seed N]
@@ -78,7 +78,11 @@ def _export(args: argparse.Namespace) -> int:
 
     try:
         written = checkpoint.export(
-            args.checkpoint, args.out, value=not args.no_value, reward=args.reward
+            args.checkpoint,
+            args.out,
+            value=not args.no_value,
+            reward=args.reward,
+            lora_mode=args.lora,
         )
     except _known_errors() as err:
         return _error(str(err))
@@ -187,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="RUN/checkpoints/<iteration> (or RUN: the newest)")
     export.add_argument("out", help="output directory (policy; the value model in OUT/value)")
     export.add_argument("--no-value", action="store_true", help="skip the value model")
+    export.add_argument(
+        "--lora",
+        choices=("merged", "adapter"),
+        default="merged",
+        help="LoRA runs: full HF checkpoints with the adapters merged (default) or peft adapter "
+        "directories for the base model",
+    )
     export.add_argument(
         "--reward", action="store_true", help="also write the run's reward model to OUT/reward"
     )

@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.ppo import PPOConfig
 from rlhf_jax.sharding import MeshConfig
 
@@ -70,6 +71,13 @@ class ModelsConfig:
       scan_layers: full passes scan over the layers (True) or run them unrolled (False); null:
         unrolled for models of at most 4 layers (`models.ModelConfig.scan_layers`).
       allow_pickle: allow `*.bin` (pickle) checkpoints, read with `torch.load(weights_only=True)`.
+      lora: train LoRA adapters instead of the whole models (`models.LoRAConfig`: rank, alpha,
+        targets, train_modules). The policy's base (stored in `frozen_dtype`) is also the
+        reference model, adapters off; a value model gets its own adapters and a trained score
+        head on its base; only the adapters (and trained heads) have gradients, AdamW moments
+        and checkpoints.
+      lora_adapter: a peft LoRA adapter directory to start the policy from (e.g. an SFT
+        adapter); its own rank, alpha and targets are used (exclusive with `lora`).
     """
 
     policy: str
@@ -84,8 +92,15 @@ class ModelsConfig:
     attention: Literal["auto", "xla", "flash", "cudnn"] = "auto"
     scan_layers: bool | None = None
     allow_pickle: bool = False
+    lora: LoRAConfig | None = None
+    lora_adapter: str | None = None
 
     def __post_init__(self) -> None:
+        if self.lora is not None and self.lora_adapter is not None:
+            raise ValueError(
+                "set one of models.lora (fresh adapters) and models.lora_adapter (start from a "
+                "peft adapter, with its own rank and targets), not both"
+            )
         if (self.reward is None) == (self.reward_function is None):
             raise ValueError(
                 "set exactly one of models.reward (a reward-model path) and "

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from rlhf_jax import config as cfg
 from rlhf_jax import models, ppo, sharding
+from rlhf_jax.models import lora
 
 GiB = 1024**3
 
@@ -186,7 +187,7 @@ def ppo_iteration_flops(
     """Model FLOPs of one PPO iteration by phase (TRL's order): generation (prefill + one decode
     step per response token, each over its growing context), the reference / value / reward
     forwards over prompt + response, and the update (`num_ppo_epochs` passes of forward +
-    backward, 3x a forward, through the policy and the value model)."""
+    backward, 3x a forward, 2x with LoRA, through the policy and the value model)."""
     b, p, r = config.batch_size, prompt_len, config.response_length
     t = p + r
     full = b * t  # tokens of one full pass over the batch
@@ -202,7 +203,12 @@ def ppo_iteration_flops(
     flops["value"] = full * value
     if config.recompute_old_logprobs:
         flops["old_logprobs"] = full * policy
-    flops["update"] = 3.0 * config.num_ppo_epochs * full * (policy + value)
+    # Forward + backward is 3x a forward; with LoRA 2x (no weight gradients for the base; the
+    # adapters' own FLOPs are rank / width of it and not counted).
+    passes = lambda c: 2.0 if c is not None and c.lora is not None else 3.0  # noqa: E731
+    flops["update"] = (
+        config.num_ppo_epochs * full * (passes(pm.policy) * policy + passes(pm.value) * value)
+    )
     return flops
 
 
@@ -246,6 +252,7 @@ class Plan:
     programs: list[ProgramMemory]
     flops: dict[str, float]
     devices_per_chip: int = 1  # v4's topology has a device per TensorCore
+    lora: bool = False  # the run trains LoRA adapters
 
     @property
     def peak(self) -> int:
@@ -283,8 +290,18 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
 
 def _abstract_params(config: models.ModelConfig, dtype: str | None = None) -> Any:
     shapes = jax.eval_shape(models.init_params, config, jax.random.key(0))
-    if dtype is None:
-        return shapes
+    return shapes if dtype is None else _cast_abstract(shapes, dtype)
+
+
+def _lora_bases_as(params: Any, lora_config: Any, dtype: str) -> Any:
+    """Abstract LoRA params with the frozen half (the base) in `dtype`."""
+    if lora_config is None:
+        return params
+    trainable, base = lora.split(params, lora_config)
+    return lora.join(trainable, _cast_abstract(base, dtype))
+
+
+def _cast_abstract(shapes: Any, dtype: str) -> Any:
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(
             s.shape, jnp.dtype(dtype) if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype
@@ -363,8 +380,17 @@ def plan_ppo(
     programs = trainer.iteration_programs(pc, pm, mesh)
     shardings = ppo.ppo_shardings(pc, pm, mesh)
     frozen_dtype = run.models.frozen_dtype
-    state = _with_shardings(programs.abstract_state, programs.state_shardings)
-    ref = _with_shardings(_abstract_params(pm.policy, frozen_dtype), shardings.frozen.ref)
+    abstract_state = programs.abstract_state
+    if pm.policy.lora is not None:  # the trainer stores LoRA bases in frozen_dtype
+        base_dtype = frozen_dtype or run.models.param_dtype
+        abstract_state = abstract_state.replace(
+            policy_params=_lora_bases_as(abstract_state.policy_params, pm.policy.lora, base_dtype),
+            value_params=_lora_bases_as(abstract_state.value_params, pm.value_lora, base_dtype),
+        )
+    state = _with_shardings(abstract_state, programs.state_shardings)
+    ref = None  # with LoRA the reference is the policy's own base
+    if shardings.frozen.ref is not None:
+        ref = _with_shardings(_abstract_params(pm.policy, frozen_dtype), shardings.frozen.ref)
     reward = _with_shardings(_abstract_params(pm.reward, frozen_dtype), shardings.frozen.reward)
     batch = sharding.batch_sharding(mesh, 2)
     prompts = jax.ShapeDtypeStruct((pc.batch_size, prompt_len), jnp.int32, sharding=batch)
@@ -401,7 +427,8 @@ def plan_ppo(
             out.append(memory)
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     flops = ppo_iteration_flops(pc, pm, prompt_len)
-    return Plan(topology, mesh_shape, out, flops, max(len(devices) // topology.chips, 1))
+    per_chip = max(len(devices) // topology.chips, 1)
+    return Plan(topology, mesh_shape, out, flops, per_chip, lora=pm.policy.lora is not None)
 
 
 def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int]:
@@ -430,6 +457,11 @@ def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int
         if value is None:
             value = dataclasses.replace(policy, head="score", num_labels=1)
     reward = configs.get("reward", value or dataclasses.replace(policy, head="score", num_labels=1))
+    policy_lora = trainer.lora_config(mc, policy)
+    if policy_lora is not None:  # as `train` sets them (trainer.prepare_ppo)
+        policy = dataclasses.replace(policy, lora=policy_lora)
+        if value is not None:
+            value = dataclasses.replace(value, lora=trainer.value_lora(policy_lora))
     pm = ppo.PPOModels(policy=policy, value=value, reward=reward)
     return pm, run.ppo, run.data.max_prompt_length
 
@@ -449,6 +481,11 @@ def levers(plan: Plan) -> list[str]:
         )
     out.append("more chips on fsdp / tensor (mesh.fsdp, mesh.tensor), or a larger slice")
     out.append("models.frozen_dtype=bfloat16 (half the reference and reward models)")
+    if not plan.lora:
+        out.append(
+            "models.lora (train adapters: no reference copy, no optimiser moments or gradients "
+            "for the base models)"
+        )
     return out
 
 

@@ -187,7 +187,11 @@ class PPOModels:
         head the policy's architecture with a scalar score head."""
         if self.value is not None:
             return self.value
-        return dataclasses.replace(self.policy, head="score", num_labels=1)
+        policy_lora = self.policy.lora  # the trunk's adapters; heads are the policy's business
+        value_lora = (
+            None if policy_lora is None else dataclasses.replace(policy_lora, train_modules=())
+        )
+        return dataclasses.replace(self.policy, head="score", num_labels=1, lora=value_lora)
 
     def __post_init__(self) -> None:
         if self.policy.head != "lm":

@@ -22,10 +22,11 @@ import numpy as np
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import critic_free as cf
-from rlhf_jax import data, models, sharding
+from rlhf_jax import data, sharding
 from rlhf_jax import reward_functions as rf
 from rlhf_jax.host import release_host_memory
 from rlhf_jax.logging import METRICS_FILE, IterationClock, RunLogger, plot_run
+from rlhf_jax.models import lora
 from rlhf_jax.ppo import check_finite
 from rlhf_jax.rewards import check_missing_stop_penalty
 from rlhf_jax.trainer import (
@@ -39,10 +40,12 @@ from rlhf_jax.trainer import (
     gather_to_main,
     load_params,
     local_rows,
+    lora_config,
     open_checkpointer,
     read_model_config,
     resolve_model_path,
     score_rows,
+    with_adapters,
 )
 
 
@@ -169,6 +172,9 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                 f"{key}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
                 f"{model_config.vocab_size}; use the model's own tokenizer (tokenizer.path)"
             )
+    policy_lora = lora_config(mc, policy_config)
+    if policy_lora is not None:
+        policy_config = dataclasses.replace(policy_config, lora=policy_lora)
     stops = (*config.algorithm().stop_token_ids, *data.stop_token_ids(tokenizer, config.tokenizer))
     try:
         algo = dataclasses.replace(
@@ -189,7 +195,17 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     latest = checkpointer.latest_step()
 
     # Params load shard by shard onto the mesh; the state is born with its shardings.
-    policy = load_params(policy_path, policy_config, mesh, mc.allow_pickle)
+    # With LoRA the policy's base is loaded straight into frozen_dtype (it is never trained).
+    base_dtype = (mc.frozen_dtype or mc.param_dtype) if policy_lora is not None else None
+    policy = load_params(
+        policy_path,
+        dataclasses.replace(policy_config, param_dtype=base_dtype or policy_config.param_dtype),
+        mesh,
+        mc.allow_pickle,
+    )
+    if policy_lora is not None:
+        lora_key = jax.random.fold_in(jax.random.key(config.seed), 0x10A)
+        policy = with_adapters(policy, policy_config, mesh, lora_key, mc.lora_adapter)
     reward = None
     if reward_path is not None:
         reward = load_params(reward_path, reward_config, mesh, mc.allow_pickle)
@@ -200,22 +216,33 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     # a multi-process checkpoint.
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings.replicated)()
     position = data.DataPosition()
+    # A LoRA checkpoint holds the trainable half of the policy (adapters, trained heads) only.
+    policy_train, policy_base = lora.split(policy, policy_lora)
+
+    def saved(state: cf.CriticFreeState) -> cf.CriticFreeState:
+        return state.replace(policy_params=lora.split(state.policy_params, policy_lora)[0])
+
     if latest is not None:  # restored straight into its shardings: no fresh state is built
         abstract = {
-            "state": jax.tree.map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                init.eval_shape(policy),
-                shardings.state,
+            "state": saved(
+                jax.tree.map(
+                    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                    init.eval_shape(policy),
+                    shardings.state,
+                )
             ),
             "rng": {"key": ckpt.abstract_like(jax.random.key_data(key))},
         }
         restored, meta = checkpointer.restore(latest, abstract)
         state, key = restored["state"], jax.random.wrap_key_data(restored["rng"]["key"])
+        state = state.replace(policy_params=lora.join(state.policy_params, policy_base))
         position = data.DataPosition(*meta["data_position"])
     else:
         state = init(policy)
+    del policy_train, policy_base
+    needs_ref = algo.core().needs_ref and policy_lora is None  # LoRA: the state's own base
     frozen = cf.CriticFreeFrozen(
-        ref=frozen_params(policy, mc.frozen_dtype) if algo.core().needs_ref else None,
+        ref=frozen_params(policy, mc.frozen_dtype) if needs_ref else None,
         reward=frozen_params(reward, mc.frozen_dtype),
     )
     del policy, reward
@@ -309,7 +336,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
                 metrics = log(current)
                 checkpointer.save(
                     iteration,
-                    {"state": state, "rng": {"key": jax.random.key_data(key)}},
+                    {"state": saved(state), "rng": {"key": jax.random.key_data(key)}},
                     {"data_position": list(position)},
                 )
                 if stopping:
@@ -322,10 +349,20 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         if status == "finished":
             policy_params = gather_to_main(state.policy_params)  # every process takes part
             if main:
-                models.hf.save(
-                    policy_params, policy_config, run_dir / "policy", tokenizer=tokenizer
-                )
-                logger.message(f"exported the policy to {run_dir / 'policy'}")
+                out = run_dir / "policy"
+                ckpt.save_model(policy_params, policy_config, out, tokenizer=tokenizer)
+                message = f"exported the policy to {out}"
+                if policy_lora is not None:  # merged above; the adapter alone for peft too
+                    ckpt.save_model(
+                        policy_params,
+                        policy_config,
+                        run_dir / "policy_adapter",
+                        tokenizer=tokenizer,
+                        lora_mode="adapter",
+                        base_path=str(policy_path),
+                    )
+                    message += f" (adapters merged) and its peft adapter to {out}_adapter"
+                logger.message(message)
     finally:
         checkpointer.close()
         logger.close()

@@ -38,6 +38,8 @@ from rlhf_jax import config as cfg
 from rlhf_jax import data, models, ppo, sampling, sharding
 from rlhf_jax import logging as run_logging
 from rlhf_jax.host import release_host_memory
+from rlhf_jax.models import lora
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.rewards import check_missing_stop_penalty
 from rlhf_jax.sampling import SamplingConfig
 
@@ -183,6 +185,50 @@ def value_from_policy(params: Params, config: models.ModelConfig) -> tuple[Param
     return {**trunk, "score": {"kernel": kernel}}, dataclasses.replace(
         config, head="score", num_labels=1
     )
+
+
+def lora_config(mc: cfg.ModelsConfig, policy: models.ModelConfig) -> LoRAConfig | None:
+    """The run's LoRA: `models.lora`, or that of the peft adapter `models.lora_adapter` (checked
+    to fit the policy), or None."""
+    if mc.lora_adapter is None:
+        return mc.lora
+    try:
+        _, config = lora.load_peft(mc.lora_adapter, policy)
+    except (ValueError, OSError) as err:
+        raise SetupError(f"models.lora_adapter={mc.lora_adapter!r}: {err}") from err
+    return config.lora
+
+
+def value_lora(policy_lora: LoRAConfig | None) -> LoRAConfig | None:
+    """A LoRA value model's adapters: the policy's rank and targets, and its score head trained
+    whole (it is new: zero, or the reward model's)."""
+    if policy_lora is None:
+        return None
+    return dataclasses.replace(policy_lora, train_modules=("score",))
+
+
+def with_adapters(
+    base: Params,
+    config: models.ModelConfig,
+    mesh,
+    key: jax.Array,
+    adapter_path: str | None = None,
+) -> Params:
+    """`base` (a loaded model, any dtype) with `config.lora`'s adapters attached: fresh (peft's
+    init) or read from the peft directory `adapter_path`, float32 and placed by the model's
+    shardings; the modules in `train_modules` become float32 (they are trained)."""
+    shardings = models.param_shardings(config, mesh)
+    base_config = dataclasses.replace(config, lora=None)
+    if adapter_path is not None:
+        adapters, _ = lora.load_peft(adapter_path, base_config)
+        adapters = jax.device_put(adapters, lora.split(shardings, config.lora)[0])
+    else:
+        adapters = jax.jit(
+            lambda k: lora.adapters_only(models.init_params(config, k)),
+            out_shardings=lora.adapters_only(shardings),
+        )(key)
+    trainable, frozen = lora.split(lora.join(adapters, base), config.lora)
+    return lora.join(jax.tree.map(lambda x: x.astype(jnp.float32), trainable), frozen)
 
 
 def frozen_params(params: Params | None, dtype: str | None) -> Params | None:
@@ -517,6 +563,16 @@ def prepare_ppo(
             configs["value"] = configs["reward"]
         else:
             configs["value"] = dataclasses.replace(policy_cfg, head="score", num_labels=1)
+    policy_lora = lora_config(mc, policy_cfg)
+    try:
+        if policy_lora is not None:
+            policy_cfg = dataclasses.replace(policy_cfg, lora=policy_lora)
+            if configs["value"] is not None:
+                configs["value"] = dataclasses.replace(
+                    configs["value"], lora=value_lora(policy_lora)
+                )
+    except ValueError as err:
+        raise SetupError(f"models.lora: {err}") from err
     try:
         ppo_models = ppo.PPOModels(
             policy=policy_cfg,
@@ -670,32 +726,46 @@ def _train(setup: _Setup) -> TrainResult:
     mc = config.models
 
     with sharding.with_rules(mesh):
-        policy = load_params(setup.paths["policy"], pm.policy, mesh, mc.allow_pickle)
-        reward = None
-        if "reward" in setup.paths:
-            reward = load_params(setup.paths["reward"], pm.reward, mesh, mc.allow_pickle)
+        # With LoRA the bases are loaded straight into frozen_dtype: only adapters train.
+        use_lora = pm.policy.lora is not None
+        base_dtype = (mc.frozen_dtype or mc.param_dtype) if use_lora else None
+
+        def load(name: str, model_config: models.ModelConfig) -> Params:
+            if base_dtype is not None:
+                model_config = dataclasses.replace(model_config, param_dtype=base_dtype)
+            return load_params(setup.paths[name], model_config, mesh, mc.allow_pickle)
+
+        policy = load("policy", pm.policy)
+        reward = load("reward", pm.reward) if "reward" in setup.paths else None
         if pm.shared_value_head:
             value = jax.device_put(
                 ppo.value_head_init(pm.policy), programs.state_shardings.value_params
             )
         elif "value" in setup.paths:
-            value = load_params(setup.paths["value"], pm.value, mesh, mc.allow_pickle)
+            value = load("value", pm.value)
         elif reward is not None:
             value = reward  # init_state copies it (models.value_from_reward semantics)
         else:  # the policy's trunk + a zero score head, built where the shards lie
+            value_config = dataclasses.replace(pm.value, lora=None)
             value = jax.jit(
                 lambda p: value_from_policy(p, pm.policy)[0],
-                out_shardings=models.param_shardings(pm.value, mesh),
-            )(policy)
+                out_shardings=models.param_shardings(value_config, mesh),
+            )(lora.base(policy))
         key = jax.random.key(config.seed)
+        if use_lora:
+            lora_keys = jax.random.split(jax.random.fold_in(key, 0x10A), 2)
+            policy = with_adapters(policy, pm.policy, mesh, lora_keys[0], mc.lora_adapter)
+            if pm.value_lora is not None:
+                value = with_adapters(value, pm.value, mesh, lora_keys[1])
         position = ptx_position = data.DataPosition()
         if setup.resume_step is not None:
-            state, key, position, ptx_position = _restore(setup, programs, key)
+            state, key, position, ptx_position = _restore(setup, programs, key, policy, value)
         else:
             state = programs.init(policy, value)
         del value
-        # From here `policy` is only the frozen reference (the state owns the trained copy).
-        policy = frozen_params(policy, mc.frozen_dtype)
+        # From here `policy` is only the frozen reference (the state owns the trained copy); with
+        # LoRA the reference is the state's own base, adapters off.
+        policy = None if use_lora else frozen_params(policy, mc.frozen_dtype)
         reward = frozen_params(reward, mc.frozen_dtype)
 
     start = int(state.iteration)
@@ -927,7 +997,9 @@ def _sample_rows(
 # ------------------------------------------------------------------------------- checkpoints
 
 
-def _items(state: ppo.PPOState, key_data: Any) -> dict[str, Any]:
+def _items(state: ppo.PPOState, key_data: Any, ppo_models: ppo.PPOModels) -> dict[str, Any]:
+    """What a checkpoint holds: with LoRA only the trainable halves of the models (adapters and
+    trained heads; the bases are re-read from the model paths on resume and export)."""
     train_state = {
         "policy_opt_state": state.policy_opt_state,
         "value_opt_state": state.value_opt_state,
@@ -938,7 +1010,11 @@ def _items(state: ppo.PPOState, key_data: Any) -> dict[str, Any]:
     }
     if state.penalty_beta is not None:  # PPO-Penalty's adapted coefficient
         train_state["penalty_beta"] = state.penalty_beta
-    return {"policy": state.policy_params, "value": state.value_params, "train_state": train_state}
+    return {
+        "policy": lora.split(state.policy_params, ppo_models.policy.lora)[0],
+        "value": lora.split(state.value_params, ppo_models.value_lora)[0],
+        "train_state": train_state,
+    }
 
 
 def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iteration: int) -> None:
@@ -958,10 +1034,16 @@ def _save(setup: _Setup, state: ppo.PPOState, key: jax.Array, positions, iterati
         "num_prompts": len(setup.dataset),
         "sources": {name: str(path) for name, path in setup.paths.items()},
     }
-    setup.checkpointer.save(iteration, _items(state, jax.random.key_data(key)), meta)
+    items = _items(state, jax.random.key_data(key), setup.ppo_models)
+    setup.checkpointer.save(iteration, items, meta)
 
 
-def _restore(setup: _Setup, programs: IterationPrograms, key: jax.Array):
+def _restore(
+    setup: _Setup, programs: IterationPrograms, key: jax.Array, policy: Params, value: Params
+):
+    """The checkpointed state; with LoRA its trainable halves are joined to the bases of the
+    freshly loaded `policy` / `value` (the models' frozen halves are not in checkpoints)."""
+    pm = setup.ppo_models
     shardings = programs.state_shardings
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -970,7 +1052,7 @@ def _restore(setup: _Setup, programs: IterationPrograms, key: jax.Array):
     )
     key_data = jax.random.key_data(key)
     rng = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=shardings.iteration)
-    items, meta = setup.checkpointer.restore(setup.resume_step, _items(abstract, rng))
+    items, meta = setup.checkpointer.restore(setup.resume_step, _items(abstract, rng, pm))
     if meta.get("num_prompts") != len(setup.dataset):
         raise SetupError(
             f"the checkpoint was written with {meta.get('num_prompts')} prompts but the dataset "
@@ -984,8 +1066,11 @@ def _restore(setup: _Setup, programs: IterationPrograms, key: jax.Array):
         )
     train_state = items["train_state"]
     state = ppo.PPOState(
-        policy_params=items["policy"],
-        value_params=items["value"],
+        policy_params=lora.join(items["policy"], lora.split(policy, pm.policy.lora)[1]),
+        # (copied: a value model's base may be the reward model's arrays, which stay frozen)
+        value_params=lora.join(
+            items["value"], jax.tree.map(jnp.copy, lora.split(value, pm.value_lora)[1])
+        ),
         policy_opt_state=train_state["policy_opt_state"],
         value_opt_state=train_state["value_opt_state"],
         kl=train_state["kl"],

@@ -188,7 +188,8 @@ def delta(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def merge(params: Params, config: Any) -> Params:
     """The base params with every adapter folded into its kernel, `W + (alpha / r) A B`
-    (computed in float32, stored in the kernel's dtype); no adapter leaves remain."""
+    (computed and stored in float32: in a 16-bit kernel most of a fine-tuning update would round
+    away); no adapter leaves remain."""
     lora = config.lora
     if lora is None or not has_adapters(params):
         return params
@@ -201,7 +202,9 @@ def merge(params: Params, config: Any) -> Params:
             continue
         kernel = flat[path + ("kernel",)]
         d = delta(full[path + ("lora_a",)], full[path + ("lora_b",)]) * lora.scale
-        flat[path + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + d).astype(kernel.dtype)
+        # float32 at least: LoRA's small update would largely round away in a 16-bit kernel
+        dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+        flat[path + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + d).astype(dtype)
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -405,3 +408,11 @@ def load_peft(path: str | Any, config: Any) -> tuple[Params, Any]:
     if not files:
         raise ValueError(f"{path} has no {ADAPTER_WEIGHTS}")
     return adapter_from_peft(load_file(str(files[0])), adapter_config, config)
+
+
+def adapters_only(tree: Params) -> Params:
+    """The `lora_a` / `lora_b` leaves of a param-shaped tree (no trained modules, no base)."""
+    flat = flax.traverse_util.flatten_dict(tree)
+    return flax.traverse_util.unflatten_dict(
+        {k: v for k, v in flat.items() if k[-1] in ADAPTER_KEYS}
+    )
