@@ -391,13 +391,16 @@ def plan_ppo(
     ref = None  # with LoRA the reference is the policy's own base
     if shardings.frozen.ref is not None:
         ref = _with_shardings(_abstract_params(pm.policy, frozen_dtype), shardings.frozen.ref)
-    reward = _with_shardings(_abstract_params(pm.reward, frozen_dtype), shardings.frozen.reward)
+    reward_shapes = _abstract_params(pm.reward, frozen_dtype)
+    if pm.value_shares_reward_base:  # the reward base is the value model's (in the state)
+        reward_shapes = {"score": reward_shapes["score"]}
+    reward = _with_shardings(reward_shapes, shardings.frozen.reward)
     batch = sharding.batch_sharding(mesh, 2)
     prompts = jax.ShapeDtypeStruct((pc.batch_size, prompt_len), jnp.int32, sharding=batch)
     mask = jax.ShapeDtypeStruct((pc.batch_size, prompt_len), jnp.bool_, sharding=batch)
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=shardings.replicated)
-    state_bytes, ref_bytes, reward_bytes = map(per_chip_bytes, (state, ref, reward))
+    ref_bytes, reward_bytes = per_chip_bytes(ref), per_chip_bytes(reward)
     width = pc.response_length
     # (built outside the rules context: building it runs eager ops, which a context mesh of
     # topology devices would try to place on them)
@@ -409,11 +412,12 @@ def plan_ppo(
         )
         out.append(memory)
         roll = _abstract_outputs(compiled, programs.rollout, (state, ref, prompts, mask, key))
+        score_args = (state, reward, roll)
         memory, compiled = _compile(
-            "score", programs.score, (reward, roll), state_bytes + ref_bytes, log, width=width
+            "score", programs.score, score_args, ref_bytes, log, width=width
         )
         out.append(memory)
-        scores = _abstract_outputs(compiled, programs.score, (reward, roll), width=width)
+        scores = _abstract_outputs(compiled, programs.score, score_args, width=width)
         finish_args = (state, roll, scores, key)
         memory, _ = _compile(
             "finish", programs.finish, finish_args, ref_bytes + reward_bytes, log, width=width
@@ -462,7 +466,13 @@ def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int
         policy = dataclasses.replace(policy, lora=policy_lora)
         if value is not None:
             value = dataclasses.replace(value, lora=trainer.value_lora(policy_lora))
-    pm = ppo.PPOModels(policy=policy, value=value, reward=reward)
+    shares = policy_lora is not None and mc.value is None and mc.reward is not None
+    pm = ppo.PPOModels(
+        policy=policy,
+        value=value,
+        reward=reward,
+        value_shares_reward_base=shares and not mc.shared_value_head,
+    )
     return pm, run.ppo, run.data.max_prompt_length
 
 

@@ -166,11 +166,18 @@ class PPOModels:
     together with the policy loss, and `PPOState.value_params` holds only that head (its own
     optimiser and `value_learning_rate`). One trunk forward and backward per minibatch instead of
     two; the policy and value objectives then share (and compete for) the trunk.
+
+    `value_shares_reward_base=True` (a LoRA value model of the reward model's architecture): the
+    value model's frozen half in `PPOState.value_params` *is* the reward model's base, and
+    `FrozenParams.reward` holds only the reward model's own score head; the reward model is that
+    base with its head (`reward_params`). With LoRA on the policy too, a run holds two base
+    models, not four.
     """
 
     policy: models.ModelConfig
     value: models.ModelConfig | None
     reward: models.ModelConfig
+    value_shares_reward_base: bool = False
 
     @property
     def shared_value_head(self) -> bool:
@@ -196,6 +203,16 @@ class PPOModels:
     def __post_init__(self) -> None:
         if self.policy.head != "lm":
             raise ValueError("the policy must be a causal LM (head='lm')")
+        if self.value_shares_reward_base and (
+            self.value is None
+            or self.value.lora is None
+            or "score" not in self.value.lora.train_modules
+            or dataclasses.replace(self.value, lora=None) != self.reward
+        ):
+            raise ValueError(
+                "value_shares_reward_base needs a LoRA value model (with its score head in "
+                "train_modules) of the reward model's exact architecture"
+            )
         for name in ("value", "reward"):
             config = getattr(self, name)
             if config is None and name == "value":
@@ -569,10 +586,20 @@ def make_experience(
         state, frozen, prompts_BP, prompt_mask_BP, key, config=config, ppo_models=ppo_models
     )
     gen = roll.generation
+    reward = reward_params(state, frozen, ppo_models)
     scores = reward_scores(
-        frozen.reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
+        reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
     )
     return build_experience(roll, scores, state.kl.kl_coef, config=config)
+
+
+def reward_params(state: PPOState, frozen: FrozenParams, ppo_models: PPOModels) -> Params:
+    """The reward model's params: `frozen.reward`, or with `value_shares_reward_base` the value
+    model's frozen base (the same arrays) with the reward head `frozen.reward["score"]`."""
+    if not ppo_models.value_shares_reward_base:
+        return frozen.reward
+    base = lora.split(state.value_params, ppo_models.value_lora)[1]
+    return {**base, "score": frozen.reward["score"]}
 
 
 # ------------------------------------------------------------------------------------ update
@@ -1018,7 +1045,10 @@ def ppo_shardings(
     )
     return PPOShardings(
         state=state,
-        frozen=FrozenParams(ref=None if ppo_models.policy.lora else policy, reward=reward),
+        frozen=FrozenParams(
+            ref=None if ppo_models.policy.lora else policy,
+            reward={"score": reward["score"]} if ppo_models.value_shares_reward_base else reward,
+        ),
         batch=sh.batch_sharding(mesh, 2),
         replicated=rep,
     )

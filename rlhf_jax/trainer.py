@@ -272,7 +272,8 @@ def iteration_programs(
         rollout_key, update_key = split(key)
         roll = rollout(state, ref, prompts, mask, rollout_key)        # ppo.rollout
         width = ppo.bucket_width(roll's sequence lengths)            # on the host
-        scores = score(reward, roll, width)  or  a host reward function  # ppo.reward_scores
+        scores = score(state, reward, roll, width)  or  a host reward function
+                                            # ppo.reward_params + ppo.reward_scores
         state, metrics = finish(state, roll, scores, update_key, width=width)
                                             # build_experience + finish_iteration
 
@@ -293,10 +294,11 @@ def iteration_programs(
         frozen = ppo.FrozenParams(ref=ref, reward=None)
         return ppo.rollout(state, frozen, prompts, mask, key, **kwargs)
 
-    def score(reward, roll, width):
+    def score(state, reward, roll, width):
         gen = ppo.slice_rollout(roll, width).generation
+        params = ppo.reward_params(state, ppo.FrozenParams(None, reward), ppo_models)
         return ppo.reward_scores(
-            reward, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
+            params, ppo_models.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
         )
 
     def finish(state, roll, scores, key, ptx=None, *, width):
@@ -573,11 +575,15 @@ def prepare_ppo(
                 )
     except ValueError as err:
         raise SetupError(f"models.lora: {err}") from err
+    # A LoRA value model made from the reward model keeps the reward model's base as its own:
+    # one copy of that base, not two (ppo.PPOModels.value_shares_reward_base).
+    shares = policy_lora is not None and "value" not in paths and "reward" in configs
     try:
         ppo_models = ppo.PPOModels(
             policy=policy_cfg,
             value=configs["value"],
             reward=configs.get("reward", configs["value"] or policy_cfg),
+            value_shares_reward_base=shares and not mc.shared_value_head,
         )
     except ValueError as err:
         raise SetupError(f"models: {err}") from err
@@ -766,6 +772,8 @@ def _train(setup: _Setup) -> TrainResult:
         # From here `policy` is only the frozen reference (the state owns the trained copy); with
         # LoRA the reference is the state's own base, adapters off.
         policy = None if use_lora else frozen_params(policy, mc.frozen_dtype)
+        if pm.value_shares_reward_base:  # the state's value base is the reward's; keep its head
+            reward = {"score": reward["score"]}
         reward = frozen_params(reward, mc.frozen_dtype)
 
     start = int(state.iteration)
@@ -877,7 +885,8 @@ def _train(setup: _Setup) -> TrainResult:
                     lengths = to_host(roll.generation.sequence_lengths)
                     width = ppo.bucket_width(lengths, pc)
                     if reward is not None:
-                        scores, reward_metrics = programs.score(reward, roll, width), {}
+                        scores = programs.score(state, reward, roll, width)
+                        reward_metrics = {}
                     else:
                         scores, reward_metrics = _host_scores(
                             setup, roll, rows, local, iteration + 1

@@ -142,3 +142,27 @@ def test_init_state_needs_the_models_for_lora_params():
         cf.init_state(policy, GRPO)
     with pytest.raises(ValueError, match="pass ppo_models"):
         ppo.init_state(policy, models.init_params(TINY_RM, jax.random.key(1)), GRPO)
+
+
+def test_value_sharing_the_reward_base_equals_a_separate_copy():
+    """`value_shares_reward_base`: the reward model is the value model's frozen base plus the
+    reward head (`FrozenParams.reward` holds only the head): the same iterations as a run that
+    keeps a second copy of the reward base."""
+    config, ppo_models, state, frozen, prompts, mask = _lora_ppo_setup()
+    shared_models = dataclasses.replace(ppo_models, value_shares_reward_base=True)
+    shared_frozen = frozen._replace(reward={"score": frozen.reward["score"]})
+    copy = jax.tree.map(np.asarray, state)
+    step = jax.jit(functools.partial(ppo.ppo_iteration, config=config, ppo_models=ppo_models))
+    shared_step = jax.jit(
+        functools.partial(ppo.ppo_iteration, config=config, ppo_models=shared_models)
+    )
+    shared_state = copy
+    for i in range(2):
+        state, metrics = step(state, frozen, prompts, mask, jax.random.key(i))
+        shared_state, shared_metrics = shared_step(
+            shared_state, shared_frozen, prompts, mask, jax.random.key(i)
+        )
+        assert_f32_close(shared_metrics, metrics, ulps=MODEL, per_leaf=True)
+    assert_f32_close(shared_state.value_params, state.value_params, ulps=MODEL)
+    with pytest.raises(ValueError, match="value_shares_reward_base needs"):
+        ppo.PPOModels(policy=TINY_L, value=TINY_RM, reward=TINY_RM, value_shares_reward_base=True)

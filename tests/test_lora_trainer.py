@@ -128,6 +128,7 @@ def test_lora_ppo_resumes_exactly_saves_adapters_only_and_exports(tiny, tmp_path
     setup = trainer.prepare_ppo(cfg)
     assert setup.ppo_models.policy.lora == model_config.lora
     assert setup.ppo_models.value.lora.train_modules == ("score",)
+    assert setup.ppo_models.value_shares_reward_base  # one copy of the reward base
     mesh = sharding.make_mesh(None, jax.devices()[:1])
     policy = trainer.with_adapters(
         lora.base(params), setup.ppo_models.policy, mesh, jax.random.key(0), str(adapter)

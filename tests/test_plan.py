@@ -4,6 +4,7 @@ set."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -226,3 +227,30 @@ def test_tpu_compile_of_a_tiny_run(tiny_models):
     assert [p["name"] for p in figures["programs"]][:3] == ["rollout", "score", "finish"]
     for p in figures["programs"]:
         assert p["arguments"] > 0 and p["outputs"] > 0 and p["peak"] > 0, p
+
+
+def test_lora_plan_saves_more_than_two_base_models(tiny_models):
+    """A LoRA PPO iteration (adapters on the policy and on a value model that shares the reward
+    model's base; the reference is the policy's base) needs less memory than the full-parameter
+    iteration by more than two float32 base models: no reference copy, no second reward base,
+    no gradients or AdamW moments for the bases."""
+    topology = plan.gpu_topology(4, "h100")
+    peaks = {}
+    for name, extra in (("full", ()), ("lora", ("models.lora.rank=4",))):
+        run, _ = _run_config(tiny_models, "mesh.data=1", "mesh.fsdp=4", *extra)
+        result = plan.plan_ppo(run, jax.devices()[:4], topology, log=lambda _: None)
+        peaks[name] = {p.name: p.peak for p in result.programs}
+        assert result.lora == (name == "lora")
+    pm, pc, _ = plan.ppo_shapes(run)
+    assert pm.value_shares_reward_base and pm.policy.lora.rank == 4
+    base = plan.per_chip_bytes(
+        plan._with_shardings(
+            plan._abstract_params(dataclasses.replace(pm.policy, lora=None)),
+            models.param_shardings(
+                dataclasses.replace(pm.policy, lora=None),
+                plan.sharding.make_mesh(run.mesh, jax.devices()[:4]),
+            ),
+        )
+    )
+    for program in ("finish", "ppo_iteration (one jit)"):
+        assert peaks["full"][program] - peaks["lora"][program] > 2 * base, (program, peaks, base)
