@@ -128,6 +128,7 @@ class RolloutSpec:
     logprob_chunk_size: int | None
     needs_ref: bool
     shared_prefill: bool = True
+    lora_merged_decode: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -200,6 +201,7 @@ class CriticFreeConfig(RLConfig):
             logprob_chunk_size=self.logprob_chunk_size,
             needs_ref=core.needs_ref,
             shared_prefill=self.shared_prefill,
+            lora_merged_decode=self.lora_merged_decode,
         )
 
     def kl_controller(self) -> KLController:
@@ -629,9 +631,12 @@ def rollout_from_spec(
         prompts_in, mask_in, num_samples = prompts_NP, prompt_mask_NP, k
     else:
         prompts_in, mask_in, num_samples = prompts_BP, prompt_mask_BP, 1
+    sample_params, sample_config = state.policy_params, cf_models.policy
+    if spec.lora_merged_decode:
+        sample_params, sample_config = lora.merged_for_decode(sample_params, sample_config)
     gen = generate(
-        state.policy_params,
-        cf_models.policy,
+        sample_params,
+        sample_config,
         prompts_in,
         mask_in,
         key,

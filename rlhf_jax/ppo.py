@@ -436,9 +436,12 @@ def rollout(
             f"got {prompts_BP.shape[0]} prompts but PPOConfig.batch_size={config.batch_size}"
         )
     check_missing_stop_penalty(config.missing_eos_penalty, config.stop_token_ids)
+    sample_params, sample_config = state.policy_params, ppo_models.policy
+    if config.lora_merged_decode:
+        sample_params, sample_config = lora.merged_for_decode(sample_params, sample_config)
     gen = generate(
-        state.policy_params,
-        ppo_models.policy,
+        sample_params,
+        sample_config,
         prompts_BP,
         prompt_mask_BP,
         key,

@@ -52,6 +52,12 @@ class RLConfig:
       entropy_coef: entropy bonus weight (0 = off).
       recompute_old_logprobs: recompute rollout log-probs with a training-style forward pass
         instead of taking them from the sampler (removes the sampler/trainer numeric gap).
+      lora_merged_decode: with a LoRA policy, sample from a copy of the weights with the
+        adapters merged (`lora.merged_for_decode`: one merge per rollout, a copy of the
+        projection weights while decoding) instead of applying them unmerged at every decode
+        step (the default: no third copy of the policy; on a 2-core CPU host decode took 1.11x
+        the base model's time unmerged and 1.05x merged, benchmarks/lora_decode.py). In 16-bit
+        compute the merged weights round the update, so set `recompute_old_logprobs` with it.
       logprob_chunk_size: positions per chunk when computing log-probs (and entropies) from
         hidden states, so at most `[micro_batch, chunk, V]` float32 logits are alive at once
         (any response length works; None: the whole response in one block, which at a 128k
@@ -86,6 +92,7 @@ class RLConfig:
     max_grad_norm: float | None = 1.0
     entropy_coef: float = 0.0
     recompute_old_logprobs: bool = False
+    lora_merged_decode: bool = False
     logprob_chunk_size: int | None = 128
     log_entropy: bool = True
     decode_chunks: int | None = None

@@ -82,3 +82,14 @@ def test_memory_report(tmp_path):
         tmp_path,
     )
     assert results["real"] and "total" in stdout
+
+
+def test_lora_decode(tmp_path):
+    results, stdout = run(
+        "lora_decode.py",
+        ["--layers", "1", "--hidden", "32", "--heads", "2", "--batch", "2", "--vocab", "64"]
+        + ["--prompt-len", "4", "--new-tokens", "4", "--rank", "4", "--repeats", "1"],
+        tmp_path,
+    )
+    assert all(results["median_seconds"][k] > 0 for k in ("base", "unmerged", "merged"))
+    assert results["same_tokens"] > 0.5 and "unmerged / base" in stdout

@@ -166,3 +166,19 @@ def test_value_sharing_the_reward_base_equals_a_separate_copy():
     assert_f32_close(shared_state.value_params, state.value_params, ulps=MODEL)
     with pytest.raises(ValueError, match="value_shares_reward_base needs"):
         ppo.PPOModels(policy=TINY_L, value=TINY_RM, reward=TINY_RM, value_shares_reward_base=True)
+
+
+def test_merged_decode_samples_what_unmerged_decode_samples():
+    """`lora_merged_decode`: the rollout samples from merged weights; in float32 the same tokens
+    and log-probs (up to rounding) as the unmerged default."""
+    config, ppo_models, state, frozen, prompts, mask = _lora_ppo_setup()
+    trainable, base = lora.split(state.policy_params, TINY_L.lora)
+    trained = jax.tree.map(lambda x: x + 0.02, trainable)  # non-zero B: a trained adapter
+    state = state.replace(policy_params=lora.join(trained, base))
+    rolls = {}
+    for merged in (False, True):
+        c = dataclasses.replace(config, lora_merged_decode=merged)
+        fn = jax.jit(functools.partial(ppo.rollout, config=c, ppo_models=ppo_models))
+        rolls[merged] = fn(state, frozen, prompts, mask, jax.random.key(0))
+    np.testing.assert_array_equal(rolls[True].generation.tokens, rolls[False].generation.tokens)
+    assert_f32_close(rolls[True].old_logprobs, rolls[False].old_logprobs, ulps=MODEL)

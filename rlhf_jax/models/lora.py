@@ -208,6 +208,18 @@ def merge(params: Params, config: Any) -> Params:
     return flax.traverse_util.unflatten_dict(flat)
 
 
+def merged_for_decode(params: Params, config: Any) -> tuple[Params, Any]:
+    """`(params, config)` to sample from: the adapters merged into copies of the kernels, stored
+    in the kernels' dtype, and the config without LoRA (no-op without adapters)."""
+    if config.lora is None:
+        return params, config
+    merged = merge(params, config)
+    kinds = flax.traverse_util.flatten_dict(base(params))
+    flat = flax.traverse_util.flatten_dict(merged)
+    flat = {k: v.astype(kinds[k].dtype) for k, v in flat.items()}
+    return flax.traverse_util.unflatten_dict(flat), dataclasses.replace(config, lora=None)
+
+
 # ------------------------------------------------------------------------------------- peft
 
 
