@@ -77,6 +77,7 @@ def make_rm_step(model_config: models.ModelConfig, config: TrainConfig, *, beta_
         lambda p, b: rm_loss(p, model_config, b, beta_rm=beta_rm),
         config,
         param_specs=models.logical_axes(model_config),
+        lora_config=model_config.lora,
     )
 
 

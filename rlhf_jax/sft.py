@@ -18,6 +18,8 @@ import optax
 from rlhf_jax import models
 from rlhf_jax import sharding as sh
 from rlhf_jax.logprobs import logprobs_from_hidden
+from rlhf_jax.models import lora
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.optim import (
     Decay,
@@ -90,18 +92,28 @@ class TrainState(flax.struct.PyTreeNode):
     step: jax.Array
 
 
-def init_train_state(params: Params, config: TrainConfig) -> TrainState:
-    """A fresh state owning a copy of `params` (float32: `optim.check_trainable`)."""
-    check_trainable(params)
+def init_train_state(
+    params: Params, config: TrainConfig, lora_config: LoRAConfig | None = None
+) -> TrainState:
+    """A fresh state owning a copy of `params` (float32: `optim.check_trainable`). With LoRA
+    (`lora_config`, the model's `ModelConfig.lora`) only the trainable half (`lora.split`) has
+    AdamW moments and must be float32."""
+    trainable, _ = lora.split(params, lora_config)
+    check_trainable(trainable)
     params = jax.tree.map(jnp.copy, params)
-    return TrainState(params, config.optimizer().init(params), jnp.zeros((), jnp.int32))
+    opt_state = config.optimizer().init(lora.split(params, lora_config)[0])
+    return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
 
 LossFn = Callable[[Params, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def make_train_step(
-    loss_fn: LossFn, config: TrainConfig, *, param_specs: Params | None = None
+    loss_fn: LossFn,
+    config: TrainConfig,
+    *,
+    param_specs: Params | None = None,
+    lora_config: LoRAConfig | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
     """`step(state, batch) -> (state, metrics)`: gradient accumulation over the leading batch
     axis (`optim.accumulate_grads`), one AdamW update. `loss_fn(params, micro_batch) ->
@@ -109,10 +121,12 @@ def make_train_step(
 
     `param_specs`: the params' logical `PartitionSpec`s (`models.logical_axes`). Traced on a
     mesh, the gradient accumulator is sharded like the params and each micro-batch is split over
-    `("data", "fsdp")` like the batch (see `optim.accumulate_grads`)."""
+    `("data", "fsdp")` like the batch (see `optim.accumulate_grads`). With `lora_config` only
+    the trainable half of the params (`lora.split`) is differentiated and updated."""
     tx = config.optimizer()
     n_acc = config.gradient_accumulation_steps
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if param_specs is not None:
+        param_specs = lora.split(param_specs, lora_config)[0]
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         leading = jax.tree.leaves(batch)[0].shape[0]
@@ -123,17 +137,20 @@ def make_train_step(
         micro = jax.tree.map(lambda x: x.reshape(n_acc, leading // n_acc, *x.shape[1:]), batch)
         micro = sh.constrain_batch(micro, axis=1)
 
+        trainable, frozen = lora.split(state.params, lora_config)
+        grad_fn = jax.value_and_grad(lambda t, mb: loss_fn(lora.join(t, frozen), mb), has_aux=True)
+
         def micro_grads(mb: Any) -> tuple[Params, dict[str, jax.Array]]:
-            (loss, aux), grads = grad_fn(state.params, mb)
+            (loss, aux), grads = grad_fn(trainable, mb)
             return grads, {**aux, "loss": loss}
 
         grads, metrics = accumulate_grads(
-            micro_grads, state.params, micro, n_acc, param_specs=param_specs
+            micro_grads, trainable, micro, n_acc, param_specs=param_specs
         )
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        new = TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1)
-        return new, metrics
+        params = lora.join(optax.apply_updates(trainable, updates), frozen)
+        return TrainState(params, opt_state, state.step + 1), metrics
 
     return step
 
@@ -149,7 +166,9 @@ def train_state_shardings(
     AdamW moments mirroring them (`sharding.optimizer_state_shardings`), the step replicated."""
     params = models.param_shardings(model_config, mesh, rules)
     abstract_params = jax.eval_shape(models.init_params, model_config, jax.random.key(0))
-    abstract = jax.eval_shape(lambda p: init_train_state(p, config), abstract_params)
+    abstract = jax.eval_shape(
+        lambda p: init_train_state(p, config, model_config.lora), abstract_params
+    )
     opt_state = sh.optimizer_state_shardings(abstract.opt_state, params, mesh)
     return TrainState(params, opt_state, sh.replicated(mesh))
 
@@ -162,7 +181,7 @@ def jit_init_train_state(
 ) -> Callable[[Params], TrainState]:
     """`init_train_state` jitted: `fn(params) -> TrainState`. With a `mesh` the params are
     expected with, and the state is born with, the shardings of `train_state_shardings`."""
-    fn = lambda params: init_train_state(params, config)  # noqa: E731
+    fn = lambda params: init_train_state(params, config, model_config.lora)  # noqa: E731
     if mesh is None:
         return sh.jit_with_rules(fn, None, rules)
     s = train_state_shardings(model_config, config, mesh, rules)
@@ -227,4 +246,5 @@ def make_sft_step(model_config: models.ModelConfig, config: TrainConfig):
         lambda p, b: sft_loss(p, model_config, b),
         config,
         param_specs=models.logical_axes(model_config),
+        lora_config=model_config.lora,
     )

@@ -20,6 +20,8 @@ from rlhf_jax import config as cfg
 from rlhf_jax import data, models, sharding
 from rlhf_jax.host import release_host_memory
 from rlhf_jax.logging import IterationClock, RunLogger
+from rlhf_jax.models import lora
+from rlhf_jax.models.lora import LoRAConfig
 from rlhf_jax.reward_model import (
     PreferenceBatch,
     make_rm_step,
@@ -30,6 +32,7 @@ from rlhf_jax.reward_model import (
 from rlhf_jax.sft import (
     SFTBatch,
     TrainConfig,
+    TrainState,
     jit_init_train_state,
     jit_train_step,
     make_sft_step,
@@ -40,6 +43,7 @@ from rlhf_jax.trainer import (
     fetch_metrics,
     gather_to_main,
     open_checkpointer,
+    with_adapters,
 )
 
 
@@ -96,6 +100,10 @@ class SupervisedRunConfig:
       dtype: compute dtype; the trained params and AdamW moments stay float32.
       mesh: the device mesh, as in `train ppo`: params and AdamW moments sharded by the model's
         logical axes, batches split over data x fsdp (`batch_size` must divide by them).
+      lora: train LoRA adapters (`models.LoRAConfig`) instead of the whole model; the base is
+        stored in `dtype`, a reward model's score head trains whole; checkpoints hold the
+        trainable half; the run exports `model/` (adapters merged) and `model_adapter/` (peft),
+        which `train ppo|grpo|... models.lora_adapter=RUN/model_adapter` starts from.
     """
 
     run_dir: str
@@ -113,6 +121,7 @@ class SupervisedRunConfig:
     logging: cfg.LoggingConfig = dataclasses.field(default_factory=cfg.LoggingConfig)
     checkpoint: cfg.CheckpointConfig = dataclasses.field(default_factory=cfg.CheckpointConfig)
     mesh: sharding.MeshConfig = dataclasses.field(default_factory=sharding.MeshConfig)
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.eval_every < 1:
@@ -233,6 +242,19 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             params, model_config = reward_init_from_policy(
                 params, model_config, jax.random.key(config.seed)
             )
+    if config.lora is not None:  # adapters on a base stored in the compute dtype
+        lora_config = config.lora
+        if kind == "rm":  # the score head trains whole (it is new, or being fitted)
+            modules = tuple(dict.fromkeys((*lora_config.train_modules, "score")))
+            lora_config = dataclasses.replace(lora_config, train_modules=modules)
+        try:
+            model_config = dataclasses.replace(model_config, lora=lora_config)
+        except ValueError as err:
+            raise cfg.ConfigError(f"lora: {err}") from err
+        params = jax.tree.map(lambda x: x.astype(config.dtype), params)
+        lora_key = jax.random.fold_in(jax.random.key(config.seed), 0x10A)
+        base_shardings = models.param_shardings(dataclasses.replace(model_config, lora=None), mesh)
+        params = with_adapters(jax.device_put(params, base_shardings), model_config, mesh, lora_key)
     num_rows = len(next(iter(arrays.values())))
     if num_rows == 0:
         raise data.DataError(f"no usable rows in {d.path!r} ({counts})")
@@ -259,14 +281,23 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
     params = jax.device_put(params, models.param_shardings(model_config, mesh))
     state = jit_init_train_state(model_config, config.train, mesh)(params)
     del params
+    lora_split = model_config.lora
+
+    def saved(state: TrainState) -> TrainState:
+        """What a checkpoint holds: with LoRA the trainable half of the params only."""
+        return state.replace(params=lora.split(state.params, lora_split)[0])
+
     position = data.DataPosition()
     main = sharding.is_main_process()
     checkpointer = open_checkpointer(run_dir, config.checkpoint, resume, unit="step")
     start = 0
     latest = checkpointer.latest_step()
     if latest is not None:
-        restored, meta = checkpointer.restore(latest, {"state": ckpt.abstract_like(state)})
-        state = restored["state"]
+        abstract = ckpt.abstract_like(saved(state))
+        restored, meta = checkpointer.restore(latest, {"state": abstract})
+        state = restored["state"].replace(
+            params=lora.join(restored["state"].params, lora.split(state.params, lora_split)[1])
+        )
         position = data.DataPosition(*meta["data_position"])
         start = latest
     if main:
@@ -342,7 +373,7 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             metrics |= evaluate()
         logger.log(step, metrics, timings=clock.timings())
         if saving:
-            checkpointer.save(step, {"state": state}, {"data_position": list(position)})
+            checkpointer.save(step, {"state": saved(state)}, {"data_position": list(position)})
     checkpointer.close()
     # Every process takes part; only process 0 receives the model (leaf by leaf), normalises the
     # reward head on it and writes it.
@@ -353,8 +384,18 @@ def _run(config: SupervisedRunConfig, *, kind: str, resume: bool) -> TrainResult
             scores = [np.asarray(pair_scores(params, model_config, batch_at(eval_rows))[0])]
             params, stats = normalize_head(params, model_config, np.concatenate(scores))
             summary["normalization"] = stats
-        models.hf.save(params, model_config, run_dir / "model", tokenizer=tokenizer)
+        ckpt.save_model(params, model_config, run_dir / "model", tokenizer=tokenizer)
         logger.message(f"exported the {kind} model to {run_dir / 'model'}")
+        if model_config.lora is not None:
+            ckpt.save_model(
+                params,
+                model_config,
+                run_dir / "model_adapter",
+                tokenizer=tokenizer,
+                lora_mode="adapter",
+                base_path=str(model_path.absolute()),
+            )
+            logger.message(f"and its peft adapter to {run_dir / 'model_adapter'}")
     logger.close()
     return TrainResult(run_dir, total, "finished", summary, checkpointer.directory / str(total))
 

@@ -162,6 +162,15 @@ def test_lora_grpo_run_exports_a_merged_policy_and_a_peft_adapter(tiny, tmp_path
     assert cli.main(["train", "grpo", *args]) == 0
     records = [json.loads(line) for line in _metrics(run_dir).splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
+    # Stopped after one iteration and resumed from its adapters-only checkpoint: the same run.
+    split = [a.replace(str(run_dir), str(tmp_path / "grpo_split")) for a in args]
+    assert cli.main(["train", "grpo", *split, "stop_after=1"]) == 0
+    assert cli.main(["train", "grpo", "--resume", *split]) == 0
+    assert _metrics(tmp_path / "grpo_split") == _metrics(run_dir)
+    with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(run_dir / "checkpoints" / "1" / "state").item_metadata.tree
+    leaves = jax.tree_util.tree_flatten_with_path(saved["policy_params"])[0]
+    assert {str(path[-1].key) for path, _ in leaves} == {"lora_a", "lora_b"}
     assert all(np.isfinite(r["loss/kl_avg"]) for r in records)
     tokens = np.array([[5, 9, 13, 17, 21, 25]])
     merged = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "policy")

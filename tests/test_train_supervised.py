@@ -103,3 +103,33 @@ def test_pad_equal_to_eos_keeps_the_eos_a_real_token():
     assert tokens[0, last] == tok.eos_token_id and loss_mask[0, last]
     np.testing.assert_array_equal(mask[0], np.arange(12) <= last)
     assert tokens[0, last] == tok.pad_token_id  # `tokens != pad` would have hidden it
+
+
+def test_lora_sft_and_rm_export_merged_models_and_peft_adapters(tiny):
+    """SFT and RM with `lora`: the loss falls, resume continues, checkpoints hold the trainable
+    half, and the exported adapter on its base equals the merged model."""
+    import peft
+    import torch
+
+    root, paths, data = tiny
+    lora = ["lora.rank=8", "lora.alpha=16", "train.learning_rate=0.01"]
+    sft_dir = root / "lora_sft"
+    run("train", "sft", *common(sft_dir, paths["policy"], data, 10), *lora)
+    run("train", "sft", "--resume", *common(sft_dir, paths["policy"], data, 20), *lora)
+    records = [json.loads(line) for line in (sft_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == list(range(1, 21))
+    assert records[-1]["eval/loss"] < records[0]["loss"] * 0.7, (records[0], records[-1])
+    tokens = torch.tensor([[5, 9, 13, 17, 21]])
+    merged = transformers.AutoModelForCausalLM.from_pretrained(sft_dir / "model")
+    base = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"])
+    adapter = peft.PeftModel.from_pretrained(base, sft_dir / "model_adapter").eval()
+    with torch.no_grad():
+        want, got = merged(input_ids=tokens).logits, adapter(input_ids=tokens).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * float(want.abs().max()))
+
+    rm_dir = root / "lora_rm"
+    run("train", "rm", *common(rm_dir, paths["policy"], data, 20), *lora)
+    last = [json.loads(line) for line in (rm_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["eval/accuracy"] >= 0.9, last
+    config = json.loads((rm_dir / "model_adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
