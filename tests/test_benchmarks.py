@@ -93,3 +93,23 @@ def test_lora_decode(tmp_path):
     )
     assert all(results["median_seconds"][k] > 0 for k in ("base", "unmerged", "merged"))
     assert results["same_tokens"] > 0.5 and "unmerged / base" in stdout
+
+
+def test_accelerator_script_runs_full_and_lora_on_cpu(tmp_path):
+    """`accelerator.py` is for GPU/TPU hosts; at toy sizes it runs here too (no rates known for
+    a CPU: no MFU or roofline, planned bytes still reported)."""
+    base = json.loads((ROOT / "configs/models/llama-3.2-1b/config.json").read_text())
+    base.update(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=128, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    rm = {**base, "architectures": ["LlamaForSequenceClassification"], "num_labels": 1}
+    for name, conf in (("policy", base), ("rm", rm)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(conf))
+    toy = ["--policy", str(tmp_path / "policy"), "--reward", str(tmp_path / "rm"), "--batch", "4"]
+    toy += ["--prompt-len", "8", "--response-len", "8", "--iters", "1", "--accumulation", "2"]
+    for extra in ([], ["--lora-rank", "4"]):
+        results, stdout = run("accelerator.py", toy + extra, tmp_path)
+        assert all(v > 0 for v in results["median_seconds"].values()), results
+        assert all(v > 0 for v in results["planned_bytes"].values()) and "planned" in stdout
