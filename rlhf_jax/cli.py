@@ -149,6 +149,7 @@ def _plan(args: argparse.Namespace) -> int:
             gpus=args.gpus,
             gpu_type=args.gpu_type,
             json_path=args.json,
+            algorithm=args.algorithm,
         )
     except (ValueError, RuntimeError, *_known_errors()) as err:
         return _error(str(err))
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--gpu-type", default="h100", help="a100 | h100 | h200")
     plan.add_argument("--json", help="also write the figures to this JSON file")
+    plan.add_argument(
+        "--algorithm",
+        default="ppo",
+        help="the config's algorithm, as for train: ppo (default), grpo, rloo, reinforce++",
+    )
     plan.add_argument(
         "--no-one-jit", action="store_true", help="skip the one-jit ppo_iteration program"
     )

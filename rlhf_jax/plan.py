@@ -435,6 +435,121 @@ def plan_ppo(
     return Plan(topology, mesh_shape, out, flops, per_chip, lora=pm.policy.lora is not None)
 
 
+def critic_free_flops(config: Any, cf_models: Any, prompt_len: int) -> dict[str, float]:
+    """Model FLOPs of one RLOO / GRPO / REINFORCE++ iteration by phase, counted as
+    `ppo_iteration_flops` counts them: generation, the reference forward (when a KL is used), a
+    reward model's forward (when there is one) and the update (epochs x forward + backward of
+    the policy, 2x a forward with LoRA)."""
+    core = config.core()
+    b, p, r = config.batch_size, prompt_len, config.response_length
+    full = b * (p + r)
+    policy = forward_flops_per_token(cf_models.policy, (p + r) / 2)
+    prefills = config.num_prompts if config.shared_prefill else b
+    flops = {
+        "generate": prefills * p * forward_flops_per_token(cf_models.policy, p / 2)
+        + b * r * forward_flops_per_token(cf_models.policy, p + r / 2),
+        "reference": full * policy if core.needs_ref else 0.0,
+    }
+    if cf_models.reward is not None:
+        flops["reward"] = full * forward_flops_per_token(cf_models.reward, (p + r) / 2)
+    if config.recompute_old_logprobs:
+        flops["old_logprobs"] = full * policy
+    passes = 2.0 if cf_models.policy.lora is not None else 3.0
+    flops["update"] = passes * core.epochs * full * policy
+    return flops
+
+
+def plan_critic_free(
+    run: Any,
+    devices: Sequence[Any],
+    topology: Topology,
+    *,
+    log: Callable[[str], None] = print,
+) -> Plan:
+    """`plan_ppo` for `train rloo | grpo | reinforce++`: compiles the critic-free trainer's
+    programs (with a reward function: the rollout and the update at full response width, as
+    `critic_free.make_host_iteration` jits them; with a reward model: the one-jit iteration) for
+    `devices` and measures them."""
+    from rlhf_jax import critic_free as cf
+    from rlhf_jax import trainer
+
+    mc = run.models
+    policy = trainer.read_model_config(
+        trainer.resolve_model_path(mc.policy, "models.policy"), "models.policy", head="lm",
+        models_config=mc,
+    )  # fmt: skip
+    policy_lora = trainer.lora_config(mc, policy)
+    if policy_lora is not None:
+        policy = dataclasses.replace(policy, lora=policy_lora)
+    reward = None
+    if mc.reward is not None:
+        reward = trainer.read_model_config(
+            trainer.resolve_model_path(mc.reward, "models.reward"), "models.reward",
+            head="score", models_config=mc,
+        )  # fmt: skip
+    if topology.topology != "cpu":
+        policy = _for_backend(policy, "tpu")
+        reward = None if reward is None else _for_backend(reward, "tpu")
+    algo = run.algorithm()
+    cf_models = cf.CriticFreeModels(policy=policy, reward=reward)
+    mesh = sharding.make_mesh(run.mesh, devices)
+    shardings = cf.critic_free_shardings(algo, cf_models, mesh)
+    rep = shardings.replicated
+    frozen_dtype = mc.frozen_dtype
+    abstract_policy = _abstract_params(policy)
+    if policy.lora is not None:
+        abstract_policy = _lora_bases_as(
+            abstract_policy, policy.lora, frozen_dtype or mc.param_dtype
+        )
+    abstract_state = jax.eval_shape(lambda p: cf.init_state(p, algo, cf_models), abstract_policy)
+    state = _with_shardings(abstract_state, shardings.state)
+    ref = None
+    if shardings.frozen.ref is not None:
+        ref = _with_shardings(_abstract_params(policy, frozen_dtype), shardings.frozen.ref)
+    reward_params = None
+    if reward is not None:
+        reward_params = _with_shardings(
+            _abstract_params(reward, frozen_dtype), shardings.frozen.reward
+        )
+    frozen = cf.CriticFreeFrozen(ref=ref, reward=reward_params)
+    prompt_len = run.data.max_prompt_length
+    prompts = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.int32, sharding=rep)
+    mask = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.bool_, sharding=rep)
+    key_shape = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=rep)
+    out = []
+    if mc.reward_function is not None:
+        step = cf.make_host_iteration(
+            algo,
+            cf_models,
+            lambda roll: None,
+            rollout_jit_kwargs=dict(
+                in_shardings=(shardings.state, shardings.frozen, rep, rep, rep)
+            ),
+            update_jit_kwargs=dict(out_shardings=(shardings.state, rep)),
+        )
+        args = (state, frozen, prompts, mask, key)
+        with sharding.with_rules(mesh):
+            memory, compiled = _compile("rollout", step.rollout, args, 0, log)
+            out.append(memory)
+            roll = _abstract_outputs(compiled, step.rollout, args)
+            scores = jax.ShapeDtypeStruct((algo.batch_size,), jnp.float32, sharding=rep)
+            finish_args = (state, roll, scores, key)
+            width = algo.response_length
+            memory, _ = _compile("finish", step.finish, finish_args, 0, log, width=width)
+            out.append(memory)
+    else:
+        iteration = cf.jit_iteration(algo, cf_models, mesh)
+        with sharding.with_rules(mesh):
+            args = (state, frozen, prompts, mask, key)
+            memory, _ = _compile("iteration (one jit)", iteration, args, 0, log)
+            out.append(memory)
+    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    flops = critic_free_flops(algo, cf_models, prompt_len)
+    per_chip = max(len(devices) // topology.chips, 1)
+    return Plan(topology, mesh_shape, out, flops, per_chip, lora=policy.lora is not None)
+
+
 def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int]:
     """The models, PPO config and prompt length of a run, from the models' `config.json` files
     only (as `train` resolves them, less the tokenizer: the pad and stop ids do not change any
@@ -546,19 +661,28 @@ def main(
     gpus: int | None = None,
     gpu_type: str = "h100",
     json_path: str | None = None,
+    algorithm: str = "ppo",
 ) -> int:
-    """`rlhf-jax plan`: 0 when every program fits, 1 when one does not."""
+    """`rlhf-jax plan`: 0 when every program fits, 1 when one does not. `algorithm`: ppo, or a
+    critic-free one (rloo, grpo, reinforce++), whose config classes `train` uses."""
     if (topology_name is None) == (gpus is None):
         raise ValueError("give exactly one of --topology (a TPU slice) and --gpus N")
     if gpus is not None:
         topology = gpu_topology(gpus, gpu_type)
     else:
         topology = parse_topology(topology_name)
-    run = cfg.load_config(cfg.PPORunConfig, Path(config_path), list(overrides))
+    known = cfg.algorithms()
+    if algorithm not in known or algorithm in ("sft", "rm"):
+        rl = sorted(k for k in known if k not in ("sft", "rm"))
+        raise ValueError(f"--algorithm {algorithm!r}: plan knows {', '.join(rl)}")
+    run = cfg.load_config(known[algorithm].config_class(), Path(config_path), list(overrides))
     devices = topology_devices(topology)
     if len(devices) % topology.chips:
         raise RuntimeError(f"{topology.topology} gave {len(devices)} devices for {topology.chips}")
-    plan = plan_ppo(run, devices, topology, one_jit=one_jit)
+    if algorithm == "ppo":
+        plan = plan_ppo(run, devices, topology, one_jit=one_jit)
+    else:
+        plan = plan_critic_free(run, devices, topology)
     print(format_plan(plan))
     if json_path:
         Path(json_path).write_text(json.dumps(plan_dict(plan), indent=2) + "\n")
@@ -589,7 +713,9 @@ __all__ = [
     "forward_flops_per_token",
     "gpu_topology",
     "parse_topology",
+    "plan_critic_free",
     "plan_ppo",
+    "critic_free_flops",
     "ppo_iteration_flops",
     "ppo_shapes",
     "topology_devices",

@@ -254,3 +254,41 @@ def test_lora_plan_saves_more_than_two_base_models(tiny_models):
     )
     for program in ("finish", "ppo_iteration (one jit)"):
         assert peaks["full"][program] - peaks["lora"][program] > 2 * base, (program, peaks, base)
+
+
+def test_critic_free_plan_compiles_the_grpo_trainers_programs(tiny_models, capsys):
+    """`rlhf-jax plan --algorithm grpo`: the critic-free trainer's rollout and update (a reward
+    function) or its one-jit iteration (a reward model), compiled for 4 CPU devices."""
+    text = (
+        f"run_dir: {tiny_models / 'run'}\nmodels:\n  policy: {tiny_models / 'policy'}\n"
+        "  reward_function: rlhf_jax.reward_functions:length_reward\n  dtype: bfloat16\n"
+        "data:\n  path: unused.jsonl\n  max_prompt_length: 8\n"
+        "grpo:\n  num_prompts: 2\n  num_generations: 4\n  response_length: 8\n  beta: 0.04\n"
+        "mesh:\n  data: 1\n  fsdp: 4\n"
+    )
+    path = tiny_models / "grpo.yaml"
+    path.write_text(text)
+    run = config.load_config(config.algorithms()["grpo"].config_class(), path)
+    topology = plan.gpu_topology(4, "h100")
+    result = plan.plan_critic_free(run, jax.devices()[:4], topology, log=lambda _: None)
+    assert [p.name for p in result.programs] == ["rollout", "finish"]
+    assert all(p.arguments > 0 and p.peak > 0 for p in result.programs)
+    assert result.programs[1].aliased > 0 and result.fits  # the donated state
+    flops = result.flops
+    assert flops["reference"] > 0 and flops["update"] == 3.0 * flops["reference"]
+    lora = plan.plan_critic_free(
+        config.load_config(type(run), path, ["models.lora.rank=4"]),
+        jax.devices()[:4],
+        topology,
+        log=lambda _: None,
+    )
+    # LoRA: the base is the reference (still one forward); no weight gradients for the base
+    assert lora.lora and lora.flops["update"] == 2.0 * lora.flops["reference"]
+    assert lora.programs[1].peak < result.programs[1].peak
+    with_rm = config.load_config(
+        type(run),
+        path,
+        ["models.reward_function=null", f"models.reward={tiny_models / 'rm'}"],
+    )
+    one = plan.plan_critic_free(with_rm, jax.devices()[:4], topology, log=lambda _: None)
+    assert [p.name for p in one.programs] == ["iteration (one jit)"] and one.flops["reward"] > 0
