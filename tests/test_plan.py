@@ -292,3 +292,20 @@ def test_critic_free_plan_compiles_the_grpo_trainers_programs(tiny_models, capsy
     )
     one = plan.plan_critic_free(with_rm, jax.devices()[:4], topology, log=lambda _: None)
     assert [p.name for p in one.programs] == ["iteration (one jit)"] and one.flops["reward"] > 0
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "plan").glob("*.yaml")), ids=str)
+def test_shipped_plan_configs_resolve(path, monkeypatch):
+    """Every config of the README's pod table loads with its algorithm and resolves its model
+    shapes from `configs/models/` (nothing compiled here)."""
+    monkeypatch.chdir(ROOT)  # the configs name the model directories relative to the checkout
+    algorithm = "grpo" if path.name.startswith("grpo") else "ppo"
+    run = config.load_config(config.algorithms()[algorithm].config_class(), path)
+    if algorithm == "ppo":
+        pm, pc, prompt_len = plan.ppo_shapes(run)
+        assert (
+            pm.policy.num_layers >= 16
+            and sum(plan.ppo_iteration_flops(pc, pm, prompt_len).values()) > 0
+        )
+    else:
+        assert run.algorithm().batch_size == 512
