@@ -548,11 +548,11 @@ def init_state(
     if cf_models is None and lora.has_adapters(policy_params):
         raise ValueError("the params hold LoRA adapters: pass cf_models to init_state")
     policy_lora = None if cf_models is None else cf_models.policy.lora
-    check_trainable(lora.split(policy_params, policy_lora)[0], "policy params")
-    policy_params = jax.tree.map(jnp.copy, policy_params)
+    trainable, _ = lora.split(policy_params, policy_lora)
+    check_trainable(trainable, "policy params")
     return CriticFreeState(
-        policy_params=policy_params,
-        opt_state=config.optimizer().init(lora.split(policy_params, policy_lora)[0]),
+        policy_params=jax.tree.map(jnp.copy, policy_params),
+        opt_state=config.optimizer().init(trainable),  # (only shapes are read)
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),

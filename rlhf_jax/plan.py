@@ -471,22 +471,10 @@ def plan_critic_free(
     `critic_free.make_host_iteration` jits them; with a reward model: the one-jit iteration) for
     `devices` and measures them."""
     from rlhf_jax import critic_free as cf
-    from rlhf_jax import trainer
 
     mc = run.models
-    policy = trainer.read_model_config(
-        trainer.resolve_model_path(mc.policy, "models.policy"), "models.policy", head="lm",
-        models_config=mc,
-    )  # fmt: skip
-    policy_lora = trainer.lora_config(mc, policy)
-    if policy_lora is not None:
-        policy = dataclasses.replace(policy, lora=policy_lora)
-    reward = None
-    if mc.reward is not None:
-        reward = trainer.read_model_config(
-            trainer.resolve_model_path(mc.reward, "models.reward"), "models.reward",
-            head="score", models_config=mc,
-        )  # fmt: skip
+    policy, scores = model_configs(mc)
+    reward = scores.get("reward")
     if topology.topology != "cpu":
         policy = _for_backend(policy, "tpu")
         reward = None if reward is None else _for_backend(reward, "tpu")
@@ -550,6 +538,24 @@ def plan_critic_free(
     return Plan(topology, mesh_shape, out, flops, per_chip, lora=policy.lora is not None)
 
 
+def model_configs(mc: cfg.ModelsConfig) -> tuple[models.ModelConfig, dict[str, models.ModelConfig]]:
+    """The policy's `ModelConfig`, with the run's LoRA, and those of the score models the run
+    names (`"reward"`, `"value"`), read as `train` reads them: their `config.json` only."""
+    from rlhf_jax import trainer
+
+    def read(name: str, head: str) -> models.ModelConfig:
+        key = f"models.{name}"
+        path = trainer.resolve_model_path(getattr(mc, name), key)
+        return trainer.read_model_config(path, key, head=head, models_config=mc)
+
+    policy = read("policy", "lm")
+    policy_lora = trainer.lora_config(mc, policy)
+    if policy_lora is not None:
+        policy = dataclasses.replace(policy, lora=policy_lora)
+    names = ("reward", "value")
+    return policy, {name: read(name, "score") for name in names if getattr(mc, name) is not None}
+
+
 def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int]:
     """The models, PPO config and prompt length of a run, from the models' `config.json` files
     only (as `train` resolves them, less the tokenizer: the pad and stop ids do not change any
@@ -557,31 +563,13 @@ def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int
     from rlhf_jax import trainer
 
     mc = run.models
-    policy = trainer.read_model_config(
-        trainer.resolve_model_path(mc.policy, "models.policy"), "models.policy", head="lm",
-        models_config=mc,
-    )  # fmt: skip
-    configs = {}
-    for name in ("reward", "value"):
-        path = getattr(mc, name)
-        if path is not None:
-            configs[name] = trainer.read_model_config(
-                trainer.resolve_model_path(path, f"models.{name}"), f"models.{name}",
-                head="score", models_config=mc,
-            )  # fmt: skip
-    if mc.shared_value_head:
-        value = None
-    else:
-        value = configs.get("value", configs.get("reward"))
-        if value is None:
-            value = dataclasses.replace(policy, head="score", num_labels=1)
-    reward = configs.get("reward", value or dataclasses.replace(policy, head="score", num_labels=1))
-    policy_lora = trainer.lora_config(mc, policy)
-    if policy_lora is not None:  # as `train` sets them (trainer.prepare_ppo)
-        policy = dataclasses.replace(policy, lora=policy_lora)
-        if value is not None:
-            value = dataclasses.replace(value, lora=trainer.value_lora(policy_lora))
-    shares = policy_lora is not None and mc.value is None and mc.reward is not None
+    policy, configs = model_configs(mc)
+    trunk = dataclasses.replace(policy, head="score", num_labels=1, lora=None)
+    value = None if mc.shared_value_head else configs.get("value", configs.get("reward", trunk))
+    reward = configs.get("reward", value or trunk)
+    if policy.lora is not None and value is not None:  # as `train` sets it (prepare_ppo)
+        value = dataclasses.replace(value, lora=trainer.value_lora(policy.lora))
+    shares = policy.lora is not None and mc.value is None and mc.reward is not None
     pm = ppo.PPOModels(
         policy=policy,
         value=value,

@@ -640,8 +640,8 @@ def init_state(
     return PPOState(
         policy_params=policy_params,
         value_params=value_params,
-        policy_opt_state=policy_tx.init(lora.split(policy_params, policy_lora)[0]),
-        value_opt_state=value_tx.init(lora.split(value_params, value_lora)[0]),
+        policy_opt_state=policy_tx.init(policy_train),  # (only shapes are read)
+        value_opt_state=value_tx.init(value_train),
         kl=config.kl_controller().init(),
         iteration=jnp.zeros((), jnp.int32),
         episode=jnp.zeros((), jnp.int32),

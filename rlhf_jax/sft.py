@@ -100,9 +100,8 @@ def init_train_state(
     AdamW moments and must be float32."""
     trainable, _ = lora.split(params, lora_config)
     check_trainable(trainable)
-    params = jax.tree.map(jnp.copy, params)
-    opt_state = config.optimizer().init(lora.split(params, lora_config)[0])
-    return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+    opt_state = config.optimizer().init(trainable)  # (only shapes are read)
+    return TrainState(jax.tree.map(jnp.copy, params), opt_state, jnp.zeros((), jnp.int32))
 
 
 LossFn = Callable[[Params, Any], tuple[jax.Array, dict[str, jax.Array]]]

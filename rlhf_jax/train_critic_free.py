@@ -217,7 +217,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=shardings.replicated)()
     position = data.DataPosition()
     # A LoRA checkpoint holds the trainable half of the policy (adapters, trained heads) only.
-    policy_train, policy_base = lora.split(policy, policy_lora)
+    policy_base = lora.split(policy, policy_lora)[1]
 
     def saved(state: cf.CriticFreeState) -> cf.CriticFreeState:
         return state.replace(policy_params=lora.split(state.policy_params, policy_lora)[0])
@@ -239,7 +239,7 @@ def train_critic_free(config: _CriticFreeRun, *, resume: bool = False) -> TrainR
         position = data.DataPosition(*meta["data_position"])
     else:
         state = init(policy)
-    del policy_train, policy_base
+    del policy_base
     needs_ref = algo.core().needs_ref and policy_lora is None  # LoRA: the state's own base
     frozen = cf.CriticFreeFrozen(
         ref=frozen_params(policy, mc.frozen_dtype) if needs_ref else None,

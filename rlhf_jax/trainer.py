@@ -752,11 +752,12 @@ def _train(setup: _Setup) -> TrainResult:
         elif reward is not None:
             value = reward  # init_state copies it (models.value_from_reward semantics)
         else:  # the policy's trunk + a zero score head, built where the shards lie
+            # (adapters, with LoRA, are attached below to both)
             value_config = dataclasses.replace(pm.value, lora=None)
             value = jax.jit(
                 lambda p: value_from_policy(p, pm.policy)[0],
                 out_shardings=models.param_shardings(value_config, mesh),
-            )(lora.base(policy))
+            )(policy)
         key = jax.random.key(config.seed)
         if use_lora:
             lora_keys = jax.random.split(jax.random.fold_in(key, 0x10A), 2)

@@ -202,9 +202,7 @@ def merge(params: Params, config: Any) -> Params:
             continue
         kernel = flat[path + ("kernel",)]
         d = delta(full[path + ("lora_a",)], full[path + ("lora_b",)]) * lora.scale
-        # float32 at least: LoRA's small update would largely round away in a 16-bit kernel
-        dtype = jnp.promote_types(kernel.dtype, jnp.float32)
-        flat[path + ("kernel",)] = (jnp.asarray(kernel, jnp.float32) + d).astype(dtype)
+        flat[path + ("kernel",)] = jnp.asarray(kernel, jnp.float32) + d
     return flax.traverse_util.unflatten_dict(flat)
 
 
@@ -254,7 +252,7 @@ def peft_config(config: Any, base_model_name_or_path: str | None) -> dict[str, A
 def adapter_to_peft(params: Params, config: Any) -> dict[str, np.ndarray]:
     """peft's tensors (`adapter_model.safetensors` names, torch `[out, in]` layouts) of the
     adapters and trained modules in `params`."""
-    from rlhf_jax.models.hf import params_to_hf
+    from rlhf_jax.models.hf import _get, params_to_hf
 
     lora = config.lora
     host = jax.device_get(params)
@@ -262,9 +260,7 @@ def adapter_to_peft(params: Params, config: Any) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name in lora.targets:
         path, _, hf = TARGETS[name]
-        node = host
-        for key in path:
-            node = node[key]
+        node = _get(host, path)
         a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
         r = a.shape[-1]
         for i in range(a.shape[0]):
@@ -289,6 +285,8 @@ def adapter_from_peft(
     """Adapters (and trained modules) of a peft LoRA directory as a partial param tree for
     `config`'s base model, with `config` given the adapter's `LoRAConfig`. Checks the adapter's
     shapes against the model; raises ValueError naming the first mismatch."""
+    from rlhf_jax.models.hf import _get, _param_shapes
+
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type={adapter_config.get('peft_type')!r}")
     for option in ("use_dora", "use_rslora"):
@@ -308,7 +306,7 @@ def adapter_from_peft(
     )
     config = dataclasses.replace(config, lora=lora)
     check_family(config)
-    expected = jax.eval_shape(lambda k: _init_for_shapes(config, k), jax.random.key(0))
+    expected = _param_shapes(config)
     prefix = _peft_prefix(config)
     names = {k.replace(".default", ""): v for k, v in tensors.items()}
     adapters: dict[tuple[str, ...], Any] = {}
@@ -346,7 +344,7 @@ def adapter_from_peft(
 
 
 def _modules_from_hf(tensors: dict[str, Any], config: Any, module: str) -> Params:
-    from rlhf_jax.models.hf import _expected_specs, _param_shapes
+    from rlhf_jax.models.hf import _expected_specs, _get, _param_shapes
 
     shapes = _param_shapes(config)
     out = {}
@@ -365,18 +363,6 @@ def _modules_from_hf(tensors: dict[str, Any], config: Any, module: str) -> Param
             )
         out[spec.paths[0][1]] = leaf
     return out
-
-
-def _init_for_shapes(config: Any, key: jax.Array) -> Params:
-    from rlhf_jax.models.model import init_params
-
-    return init_params(config, key)
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 ADAPTER_CONFIG = "adapter_config.json"
