@@ -4,13 +4,13 @@
     python3 benchmarks/accelerator.py --batch 64 --prompt-len 512 --response-len 512
     python3 benchmarks/accelerator.py --lora-rank 16        # the LoRA variant
 
-Runs the trainer's own programs (`trainer.iteration_programs`: rollout, score, finish) on every
+Runs the trainer's own programs (`core.iteration_programs`: rollout, score, finish) on every
 local device (mesh data=1 x fsdp=N), bf16 compute and bf16 frozen models, random weights from the
 shapes in `configs/models/` (nothing is downloaded), after one compiling iteration:
 
 - per-phase medians (seconds) of `generate` alone, the rollout program (generate + reference and
   value forwards), the reward score and the update (`finish`);
-- MFU: the iteration's model FLOPs (`rlhf_jax.plan.ppo_iteration_flops`) over its time, against
+- MFU: the iteration's model FLOPs (`rlhf_jax.plan.iteration_flops`) over its time, against
   the devices' peak dense bf16 FLOP/s;
 - decode tokens/s against the HBM-bandwidth roofline (every decode step reads the policy's
   weights and the KV cache once);
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 from rlhf_jax import config as cfg  # noqa: E402
-from rlhf_jax import models, plan, sampling, sharding, trainer  # noqa: E402
+from rlhf_jax import core, models, plan, run_setup, sampling, sharding  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 1024**3
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.lora_rank:
         overrides += [f"models.lora.rank={args.lora_rank}", f"models.lora.alpha={args.lora_rank}"]
     run = cfg.load_config(cfg.PPORunConfig, values=None, overrides=overrides)
-    pm, pc, prompt_len = plan.ppo_shapes(run)
-    trainer.check_mesh(run, devices)
+    pm, _ = run_setup.resolve_models(run)
+    pc, prompt_len = run.algorithm(), run.data.max_prompt_length
+    run_setup.check_mesh(run, devices)
     mesh = sharding.make_mesh(run.mesh, devices)
-    programs = trainer.iteration_programs(pc, pm, mesh)
+    programs = core.iteration_programs(pc, pm, mesh)
     frozen = jnp.dtype(args.dtype)
 
     with sharding.with_rules(mesh):
@@ -124,21 +125,22 @@ def main(argv: list[str] | None = None) -> dict:
             )
             trained = models.lora.split(policy, pm.policy.lora)[0]
             policy = models.lora.join(trained, cast(policy, pm.policy.lora))
-            value = trainer.with_adapters(
+            value = run_setup.with_adapters(
                 jax.tree.map(lambda x: x.astype(frozen), reward), pm.value, mesh, keys[2]
             )
         else:
             value = reward
         state = programs.init(policy, value)
-        ref = None if pm.policy.lora is not None else trainer.frozen_params(policy, args.dtype)
-        reward = trainer.frozen_params(reward, args.dtype)
+        ref = None if pm.policy.lora is not None else run_setup.frozen_params(policy, args.dtype)
+        reward = run_setup.frozen_params(reward, args.dtype)
         if pm.value_shares_reward_base:
             reward = {"score": reward["score"]}
         del policy, value
         rng = np.random.default_rng(0)
         vocab = pm.policy.vocab_size
         prompts = rng.integers(3, vocab, (pc.batch_size, prompt_len)).astype(np.int32)
-        prompts, mask = sharding.place_batch((prompts, np.ones_like(prompts, bool)), mesh)
+        prompts, mask = sharding.place_replicated((prompts, np.ones_like(prompts, bool)), mesh)
+        frozen_params = core.FrozenParams(ref=ref, reward=reward)
         generate = sampling.jit_generate(pm.policy, pc.sampling_config(), mesh)
         width = pc.response_length
 
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
             key = jax.random.key(i)
             start = time.perf_counter()
             _, t_gen = _timed(generate, state.policy_params, prompts, mask, key)
-            roll, t_roll = _timed(programs.rollout, state, ref, prompts, mask, key)
-            scores, t_score = _timed(programs.score, state, reward, roll, width)
+            roll, t_roll = _timed(programs.rollout, state, frozen_params, prompts, mask, key)
+            scores, t_score = _timed(programs.score, state, frozen_params, roll, width=width)
             (state, _), t_finish = _timed(programs.finish, state, roll, scores, key, width=width)
             total = time.perf_counter() - start - t_gen
             if i == 0:
@@ -162,8 +164,8 @@ def main(argv: list[str] | None = None) -> dict:
         med = {k: common.median(v) for k, v in times.items()}
         planned = {}
         for name, fn, fargs, fkw in (
-            ("rollout", programs.rollout, (state, ref, prompts, mask, key), {}),
-            ("score", programs.score, (state, reward, roll, width), {}),
+            ("rollout", programs.rollout, (state, frozen_params, prompts, mask, key), {}),
+            ("score", programs.score, (state, frozen_params, roll), {"width": width}),
             ("finish", programs.finish, (state, roll, scores, key), {"width": width}),
         ):
             m = fn.lower(*fargs, **fkw).compile().memory_analysis()
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     stats = devices[0].memory_stats() or {}
     peak_measured = stats.get("peak_bytes_in_use")
 
-    flops = plan.ppo_iteration_flops(pc, pm, prompt_len)
+    flops = plan.iteration_flops(pc, pm, prompt_len)
     total_flops = sum(flops.values())
     rates = device_rates(kind)
     n_params = sum(

@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from rlhf_jax import critic_free as cf  # noqa: E402
-from rlhf_jax import models, ppo  # noqa: E402
+from rlhf_jax import core, models  # noqa: E402
+from rlhf_jax.algorithms import GRPOConfig, PPOConfig, RLOOConfig  # noqa: E402
 
 # name: (layers, hidden, intermediate, heads, vocab, batch, prompt, response), as ppo_iteration.py
 CONFIGS = {
@@ -135,54 +135,47 @@ def setups(args: argparse.Namespace) -> dict[str, tuple[Any, Any, Any, Any, Any,
     out = {}
     for algo in args.algos:
         if algo == "ppo":
-            config = ppo.PPOConfig(
+            config = PPOConfig(
                 batch_size=args.batch, kl_coef=0.05, num_ppo_epochs=args.epochs, **common_kwargs
             )
-            pm = ppo.PPOModels(policy=policy_cfg, value=reward_cfg, reward=reward_cfg)
-            if args.rollout_only:
-                rollout = functools.partial(ppo.rollout, config=config, ppo_models=pm)
-                fn = jax.jit(rollout_only(rollout))
-            else:
-                fn = ppo.jit_ppo_iteration(config, pm)
-            state = ppo.init_state(policy, reward, config)
-            frozen = ppo.FrozenParams(ref=policy, reward=reward)
-            prompts, mask = left_padded(args.batch, args.prompt_len, args.vocab, 0)
+            rm = core.RLModels(policy=policy_cfg, value=reward_cfg, reward=reward_cfg)
             desc = f"PPO, {args.batch} prompts x 1, value model"
-            out[algo] = (fn, state, frozen, prompts, mask, desc)
+        elif algo == "rloo":
+            config = RLOOConfig(
+                num_prompts=n_prompts,
+                rloo_k=k,
+                num_ppo_epochs=args.epochs,
+                kl_coef=0.05,
+                **common_kwargs,
+            )
         else:
-            if algo == "rloo":
-                config = cf.RLOOConfig(
-                    num_prompts=n_prompts,
-                    rloo_k=k,
-                    num_ppo_epochs=args.epochs,
-                    kl_coef=0.05,
-                    **common_kwargs,
-                )
-            else:
-                config = cf.GRPOConfig(
-                    num_prompts=n_prompts,
-                    num_generations=k,
-                    num_iterations=args.epochs,
-                    beta=0.0 if algo == "grpo-beta0" else 0.04,
-                    **common_kwargs,
-                )
-            cfm = cf.CriticFreeModels(policy=policy_cfg, reward=reward_cfg)
-            needs_ref = config.core().needs_ref
-            frozen = cf.CriticFreeFrozen(ref=policy if needs_ref else None, reward=reward)
-            prompts, mask = left_padded(n_prompts, args.prompt_len, args.vocab, 0)
+            config = GRPOConfig(
+                num_prompts=n_prompts,
+                num_generations=k,
+                num_iterations=args.epochs,
+                beta=0.0 if algo == "grpo-beta0" else 0.04,
+                **common_kwargs,
+            )
+        if algo != "ppo":
+            rm = core.RLModels(policy=policy_cfg, reward=reward_cfg)
             desc = f"{algo}, {n_prompts} prompts x {k}, no value model"
-            if not needs_ref:
+            if not config.needs_ref:
                 desc += ", no reference"
-            variants = {algo: config}
-            if args.repeat_prefill:
-                variants[f"{algo}/repeat-prefill"] = dataclasses.replace(
-                    config, shared_prefill=False
-                )
-            for name, variant in variants.items():
-                fn = critic_free_fn(variant, cfm, args.rollout_only)
-                state = cf.init_state(policy, variant)
+        frozen = core.FrozenParams(ref=policy if config.needs_ref else None, reward=reward)
+        prompts, mask = left_padded(config.num_prompts, args.prompt_len, args.vocab, 0)
+        variants = {algo: config}
+        if args.repeat_prefill and algo != "ppo":
+            variants[f"{algo}/repeat-prefill"] = dataclasses.replace(config, shared_prefill=False)
+        for name, variant in variants.items():
+            fn = iteration_fn(variant, rm, args.rollout_only)
+            value = reward if variant.has_critic else None
+            state = core.init_state(policy, variant, rm, value_params=value)
+            if algo != "ppo":
                 prefill = "one prefill per prompt" if variant.shared_prefill else "k prefills"
-                out[name] = (fn, state, frozen, prompts, mask, f"{desc}, {prefill}")
+                desc_v = f"{desc}, {prefill}"
+            else:
+                desc_v = desc
+            out[name] = (fn, state, frozen, prompts, mask, desc_v)
     return out
 
 
@@ -194,11 +187,11 @@ def rollout_only(rollout: Any) -> Any:
     )
 
 
-def critic_free_fn(config: cf.CriticFreeConfig, cfm: cf.CriticFreeModels, rollout: bool) -> Any:
+def iteration_fn(config: Any, rm: core.RLModels, rollout: bool) -> Any:
     """The jitted iteration, or with `rollout` the jitted rollout alone."""
     if not rollout:
-        return cf.jit_iteration(config, cfm)
-    return jax.jit(rollout_only(functools.partial(cf.rollout, config=config, cf_models=cfm)))
+        return core.jit_iteration(config, rm)
+    return jax.jit(rollout_only(functools.partial(core.rollout, config=config, rl_models=rm)))
 
 
 def memory(compiled: Any) -> dict[str, float]:

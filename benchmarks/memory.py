@@ -6,7 +6,7 @@ under FSDP / tensor parallelism, against one unsharded copy, on 8 virtual CPU de
         --heads 32 --kv-heads 32 --real-layers 0      # a 7B shape, abstract only
 
 1. Abstract (nothing allocated): the shapes of the PPO state and frozen params come from
-   `jax.eval_shape`, their shardings from `rlhf_jax.ppo.ppo_shardings`; a device's bytes are the
+   `jax.eval_shape`, their shardings from `rlhf_jax.core.rl_shardings`; a device's bytes are the
    sum over arrays of `prod(sharding.shard_shape(shape)) * itemsize`.
 2. Real arrays, for a smaller config: params are born sharded (`sharded_init_params`), the
    state from `jit_init_state`, and the bytes each device actually holds are summed over
@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from rlhf_jax import models, ppo, trainer  # noqa: E402
+from rlhf_jax import core, models, run_setup  # noqa: E402
 from rlhf_jax import sharding as sh  # noqa: E402
+from rlhf_jax.algorithms import PPOConfig  # noqa: E402
 
 MESHES = {
     "8x1x1 (data)": sh.MeshConfig(data=8, fsdp=1, tensor=1),
@@ -86,13 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def ppo_setup(policy: models.ModelConfig) -> tuple[ppo.PPOConfig, ppo.PPOModels]:
+def ppo_setup(policy: models.ModelConfig) -> tuple[PPOConfig, core.RLModels]:
     reward = dataclasses.replace(policy, head="score")
-    return ppo.PPOConfig(batch_size=8), ppo.PPOModels(policy=policy, value=reward, reward=reward)
+    return PPOConfig(batch_size=8), core.RLModels(policy=policy, value=reward, reward=reward)
 
 
 def abstract_parts(
-    config: ppo.PPOConfig, ppo_models: ppo.PPOModels, frozen_dtype: str
+    config: PPOConfig, ppo_models: core.RLModels, frozen_dtype: str
 ) -> dict[str, Any]:
     """Component name -> pytree of `ShapeDtypeStruct`."""
 
@@ -101,11 +102,11 @@ def abstract_parts(
         return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
 
     state = jax.eval_shape(
-        lambda p, v: ppo.init_state(p, v, config),
+        lambda p, v: core.init_state(p, config, value_params=v),
         params(ppo_models.policy),
         params(ppo_models.value),
     )
-    frozen = ppo.FrozenParams(
+    frozen = core.FrozenParams(
         params(ppo_models.policy, frozen_dtype), params(ppo_models.reward, frozen_dtype)
     )
     return _parts(state, frozen)
@@ -117,7 +118,7 @@ def _parts(state: Any, frozen: Any) -> dict[str, Any]:
             COMPONENTS,
             (
                 state.policy_params,
-                state.policy_opt_state,
+                state.opt_state,
                 state.value_params,
                 state.value_opt_state,
                 frozen.ref,
@@ -192,7 +193,7 @@ def abstract_report(
     columns = {"unsharded": unsharded_bytes(parts)}
     for name, mesh_config in MESHES.items():
         mesh = sh.make_mesh(mesh_config)
-        s = ppo.ppo_shardings(config, ppo_models, mesh)
+        s = core.rl_shardings(config, ppo_models, mesh)
         columns[name] = per_device_bytes(parts, _parts(s.state, s.frozen))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(parts["policy params"]))
     title = (
@@ -210,11 +211,11 @@ def real_report(policy: models.ModelConfig, frozen_dtype: str) -> tuple[str, dic
     mesh = sh.make_mesh(MESHES["1x8x1 (fsdp)"])
     policy_params = models.sharded_init_params(ppo_models.policy, jax.random.key(0), mesh)
     reward_params = models.sharded_init_params(ppo_models.reward, jax.random.key(1), mesh)
-    state = ppo.jit_init_state(config, ppo_models, mesh)(policy_params, reward_params)
-    frozen = trainer.frozen_params((policy_params, reward_params), frozen_dtype)
-    parts = _parts(state, ppo.FrozenParams(*frozen))
+    state = core.jit_init_state(config, ppo_models, mesh)(policy_params, reward_params)
+    frozen = run_setup.frozen_params((policy_params, reward_params), frozen_dtype)
+    parts = _parts(state, core.FrozenParams(*frozen))
     measured = measured_bytes(parts)
-    s = ppo.ppo_shardings(config, ppo_models, mesh)
+    s = core.rl_shardings(config, ppo_models, mesh)
     predicted = per_device_bytes(
         abstract_parts(config, ppo_models, frozen_dtype), _parts(s.state, s.frozen)
     )

@@ -58,7 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import common  # noqa: E402
 
-from rlhf_jax import models, ppo, sharding, trainer  # noqa: E402
+from rlhf_jax import core, models, run_setup, sharding  # noqa: E402
+from rlhf_jax.algorithms import PPOConfig  # noqa: E402
 from rlhf_jax.host import release_host_memory  # noqa: E402
 from rlhf_jax.sampling import generate  # noqa: E402
 
@@ -155,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -------------------------------------------------------------------------------------- setup
 
 
-def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
+def model_configs(args: argparse.Namespace) -> core.RLModels:
     policy = common.tiny_llama(
         args,
         family=args.arch,
@@ -169,12 +170,12 @@ def model_configs(args: argparse.Namespace) -> ppo.PPOModels:
     )
     score = dataclasses.replace(policy, head="score", num_labels=1)
     value = None if args.shared_value_head else score
-    return ppo.PPOModels(policy=policy, value=value, reward=score)
+    return core.RLModels(policy=policy, value=value, reward=score)
 
 
-def ppo_config(args: argparse.Namespace) -> ppo.PPOConfig:
+def ppo_config(args: argparse.Namespace) -> PPOConfig:
     """TRL 0.17 PPOConfig defaults as the peer script sets them."""
-    return ppo.PPOConfig(
+    return PPOConfig(
         batch_size=args.batch,
         response_length=args.response_len,
         temperature=0.7,
@@ -231,7 +232,7 @@ def _forward_flops(
     return batch * (body + attn + 2 * d * outputs * head_positions)
 
 
-def count_flops(pm: ppo.PPOModels, config: ppo.PPOConfig, prompt: int) -> dict[str, float]:
+def count_flops(pm: core.RLModels, config: PPOConfig, prompt: int) -> dict[str, float]:
     """Model FLOPs of one iteration by phase (backward = 2 x forward)."""
     b, t = config.batch_size, config.response_length
     s = prompt + t
@@ -310,34 +311,27 @@ def run_peer(args: argparse.Namespace, out_dir: str) -> dict[str, Any]:
 
 def phased_iteration(n_buckets, config, pm, frozen, prompts, prompt_mask, state):
     """The trainer's phased iteration with length buckets (see
-    `rlhf_jax.trainer.iteration_programs`): `step(state, key) -> (state, metrics)`, with the update
+    `rlhf_jax.core.iteration_programs`): `step(state, key) -> (state, metrics)`, with the update
     compiled for every bucket up front (so no timed iteration compiles). Returns `(step, state)`."""
     config = dataclasses.replace(config, length_buckets=n_buckets)
-    rollout = jax.jit(functools.partial(ppo.rollout, config=config, ppo_models=pm))
+    programs = core.iteration_programs(config, pm)
 
-    def finish(state, roll, reward, key, *, width):
-        roll = ppo.slice_rollout(roll, width)
-        gen = roll.generation
-        scores = ppo.reward_scores(
-            reward, pm.reward, roll.prompts, roll.prompt_mask, gen.tokens, gen.mask
-        )
-        exp, metrics = ppo.build_experience(roll, scores, state.kl.kl_coef, config=config)
-        return ppo.finish_iteration(state, exp, metrics, key, config=config, ppo_models=pm)
-
-    finish = jax.jit(finish, static_argnames="width", donate_argnums=(0,))
+    def finish(state, roll, key, *, width):
+        scores = programs.score(state, frozen, roll, width=width)
+        return programs.finish(state, roll, scores, key, width=width)
 
     def step(state, key):
         rollout_key, update_key = jax.random.split(key)
-        roll = rollout(state, frozen, prompts, prompt_mask, rollout_key)
-        width = ppo.bucket_width(np.asarray(roll.generation.sequence_lengths), config)
-        state, metrics = finish(state, roll, frozen.reward, update_key, width=width)
+        roll = programs.rollout(state, frozen, prompts, prompt_mask, rollout_key)
+        width = config.bucket_width(np.asarray(roll.generation.sequence_lengths))
+        state, metrics = finish(state, roll, update_key, width=width)
         return state, {**metrics, "perf/response_bucket": jnp.float32(width)}
 
     start = time.perf_counter()
-    for width in ppo.response_buckets(config):
+    for width in config.response_buckets():
         copy = jax.tree.map(jnp.copy, state)
-        roll = rollout(copy, frozen, prompts, prompt_mask, jax.random.key(0))
-        jax.block_until_ready(finish(copy, roll, frozen.reward, jax.random.key(0), width=width))
+        roll = programs.rollout(copy, frozen, prompts, prompt_mask, jax.random.key(0))
+        jax.block_until_ready(finish(copy, roll, jax.random.key(0), width=width))
     print(f"phased iteration: {n_buckets} buckets compiled in {time.perf_counter() - start:.1f}s")
     return step, state
 
@@ -389,24 +383,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.uniform_policy:  # logits 0: uniform sampling, so rows stop early at random
         policy["final_norm"]["scale"] = jnp.zeros_like(policy["final_norm"]["scale"])
     if multi:
-        shardings = ppo.ppo_shardings(config, pm, mesh)
+        shardings = core.rl_shardings(config, pm, mesh)
         policy = jax.device_put(policy, shardings.frozen.ref)
         reward = jax.device_put(reward, shardings.frozen.reward)
-    value = ppo.value_head_init(pm.policy) if pm.shared_value_head else reward
+    value = models.value_head_init(pm.policy) if pm.shared_value_head else reward
     if multi:
         value = jax.device_put(value, shardings.state.value_params)
-    state = ppo.jit_init_state(config, pm, mesh if multi else None)(policy, value)
-    frozen = ppo.FrozenParams(*trainer.frozen_params((policy, reward), args.frozen_dtype))
+    state = core.jit_init_state(config, pm, mesh if multi else None)(policy, value)
+    frozen = core.FrozenParams(*run_setup.frozen_params((policy, reward), args.frozen_dtype))
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, args.vocab, size=(b, p)), jnp.int32)
     prompt_mask = jnp.ones((b, p), bool)
     if multi:
-        prompts, prompt_mask = sharding.place_batch((prompts, prompt_mask), mesh)
+        prompts, prompt_mask = sharding.place_replicated((prompts, prompt_mask), mesh)
     jax.block_until_ready((state, frozen))
     setup_s = time.perf_counter() - start
 
-    kw = dict(config=config, ppo_models=pm)
-    iteration = ppo.jit_ppo_iteration(config, pm, mesh if multi else None)
+    kw = dict(config=config, rl_models=pm)
+    iteration = core.jit_iteration(config, pm, mesh if multi else None)
     keys = jax.random.split(jax.random.key(42), args.iters + 1)
     compiled = {}
     compile_s = {}
@@ -423,25 +417,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return generate(params, pm.policy, prompts, mask, key, config.sampling_config())
 
         def ref_fn(params, prompts, mask, gen):
-            return ppo.policy_logprobs(
+            return core.policy_logprobs(
                 params, pm.policy, prompts, mask, gen.tokens, gen.mask, **lp_kw
             )[0]
 
         def value_fn(params, prompts, mask, gen):
-            vmask = ppo.value_mask_for(gen.sequence_lengths, t, config.score_position)
+            vmask = config.value_mask(gen.sequence_lengths, t)
             policy_params, value_params = params
-            return ppo.state_values(
+            return core.state_values(
                 policy_params, value_params, pm, prompts, mask, gen.tokens, gen.mask, vmask
             )
 
         def reward_fn(params, prompts, mask, gen):
-            return ppo.reward_scores(params, pm.reward, prompts, mask, gen.tokens, gen.mask)
+            return core.reward_scores(params, pm.reward, prompts, mask, gen.tokens, gen.mask)
 
         def advantages_fn(roll, scores, kl_coef):
-            return ppo.build_experience(roll, scores, kl_coef, config=config)
+            return core.build_experience(roll, scores, kl_coef, config=config)
 
         def update_fn(state, exp, key):
-            return ppo.update(state, exp, key, **kw)
+            return core.update(state, exp, key, **kw)
 
         pieces = {
             "generation": jit(gen_fn),
@@ -450,8 +444,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "reward_forward": jit(reward_fn),
             "advantages": jit(advantages_fn),
             "update": jit(update_fn),
-            "rollout": jit(functools.partial(ppo.rollout, **kw)),
-            "make_experience": jit(functools.partial(ppo.make_experience, **kw)),
+            "rollout": jit(functools.partial(core.rollout, **kw)),
+            "make_experience": jit(functools.partial(core.make_experience, **kw)),
         }
         if config.recompute_old_logprobs:
             pieces["old_logprob_forward"] = pieces["ref_forward"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from rlhf_jax import models
@@ -358,3 +359,78 @@ def export(
         models.save(params, config, out / "reward", tokenizer=tokenizer)
         written["reward"] = out / "reward"
     return written
+
+
+# ------------------------------------------------------------------------- an RL run's state
+
+
+def rl_items(state: Any, key_data: Any, rl_models: Any) -> dict[str, Any]:
+    """What an RL run's checkpoint holds of its `core.RLState` and key: `policy`, `value` (with a
+    critic) and `train_state` (optimiser states, KL controller, counters, key, the algorithm's
+    state). With LoRA only the trainable halves of the models (adapters and trained heads; the
+    bases are re-read from the model paths on resume and export)."""
+    train_state = {
+        "opt_state": state.opt_state,
+        "kl": state.kl,
+        "iteration": state.iteration,
+        "episode": state.episode,
+        "rng": key_data,
+    }
+    items = {"policy": lora.split(state.policy_params, rl_models.policy.lora)[0]}
+    if state.value_params is not None:
+        train_state["value_opt_state"] = state.value_opt_state
+        items["value"] = lora.split(state.value_params, rl_models.value_lora)[0]
+    if state.algo_state is not None:  # e.g. PPO-Penalty's adapted coefficient
+        train_state["algo_state"] = state.algo_state
+    return {**items, "train_state": train_state}
+
+
+def save_rl_state(
+    checkpointer: Checkpointer,
+    step: int,
+    state: Any,
+    key: jax.Array,
+    rl_models: Any,
+    meta: Mapping[str, Any],
+) -> None:
+    """Saves an RL run's state and key (`rl_items`) with `meta` at `step`."""
+    checkpointer.save(step, rl_items(state, jax.random.key_data(key), rl_models), meta)
+
+
+def restore_rl_state(
+    checkpointer: Checkpointer,
+    step: int,
+    abstract_state: Any,
+    shardings: Any,
+    key: jax.Array,
+    bases: tuple[Any, Any],
+    rl_models: Any,
+) -> tuple[Any, jax.Array, dict[str, Any]]:
+    """`(state, key, meta)` of the checkpoint at `step`, restored straight into `shardings`
+    (the `core.RLState`'s). With LoRA the saved trainable halves are joined to the frozen halves
+    of `bases` (the freshly loaded `(policy, value)` params; `value` is copied, as a value
+    model's base may be the reward model's arrays, which stay frozen)."""
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, shardings
+    )
+    key_data = jax.random.key_data(key)
+    rng = jax.ShapeDtypeStruct(key_data.shape, key_data.dtype, sharding=key.sharding)
+    items, meta = checkpointer.restore(step, rl_items(abstract, rng, rl_models))
+    policy, value = bases
+    train_state = items["train_state"]
+    value_params = None
+    if "value" in items:
+        base = jax.tree.map(jnp.copy, lora.split(value, rl_models.value_lora)[1])
+        value_params = lora.join(items["value"], base)
+    state = abstract_state.replace(
+        policy_params=lora.join(items["policy"], lora.split(policy, rl_models.policy.lora)[1]),
+        opt_state=train_state["opt_state"],
+        kl=train_state["kl"],
+        iteration=train_state["iteration"],
+        episode=train_state["episode"],
+        value_params=value_params,
+        value_opt_state=train_state.get("value_opt_state"),
+        algo_state=train_state.get("algo_state"),
+    )
+    restored_key = jax.random.wrap_key_data(train_state["rng"], impl=meta["rng_impl"])
+    return state, restored_key, meta

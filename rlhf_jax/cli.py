@@ -27,14 +27,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from rlhf_jax.checkpoint import CheckpointError
     from rlhf_jax.config import ConfigError
     from rlhf_jax.data import DataError
-    from rlhf_jax.trainer import SetupError
+    from rlhf_jax.run_setup import SetupError
 
     return (ConfigError, SetupError, DataError, CheckpointError)
 
 
 def _run_errors() -> tuple[type[BaseException], ...]:
     """Failures during training (status 1): NaN/inf, a failing reward function."""
-    from rlhf_jax.ppo import NonFiniteError
+    from rlhf_jax.core import NonFiniteError
     from rlhf_jax.reward_functions import RewardFunctionError
 
     return (NonFiniteError, RewardFunctionError)
@@ -92,7 +92,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from rlhf_jax import trainer
+    from rlhf_jax import generation
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -101,8 +101,8 @@ def _generate(args: argparse.Namespace) -> int:
     if not prompts:
         return _error("give at least one --prompt (or --prompts-file)")
     try:
-        params, config, tokenizer = trainer.load_policy(args.model, dtype=args.dtype)
-        results = trainer.generate_completions(
+        params, config, tokenizer = generation.load_policy(args.model, dtype=args.dtype)
+        results = generation.generate_completions(
             params,
             config,
             tokenizer,

@@ -15,16 +15,17 @@ import dataclasses
 import importlib
 import sys
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from rlhf_jax.algorithms import GRPOConfig, PPOConfig, ReinforcePPConfig, RLOOConfig
 from rlhf_jax.config_files import ConfigError as ConfigError  # re-exported
 from rlhf_jax.config_files import diff_configs as diff_configs
 from rlhf_jax.config_files import load_config as load_config
 from rlhf_jax.config_files import save_config as save_config
 from rlhf_jax.config_files import to_dict as to_dict
 from rlhf_jax.config_files import to_yaml as to_yaml
+from rlhf_jax.core.config import RLConfig
 from rlhf_jax.models.lora import LoRAConfig
-from rlhf_jax.ppo import PPOConfig
 from rlhf_jax.sharding import MeshConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -266,22 +267,28 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PPORunConfig:
-    """Everything `rlhf-jax train ppo` needs.
+class RLRunConfig:
+    """Everything `rlhf-jax train ppo | rloo | grpo | reinforce++` needs (use a subclass: each
+    adds its algorithm's section, `ppo`, `rloo`, `grpo` or `reinforce`).
 
     Attributes:
-      run_dir: output directory (config, logs, checkpoints, tokenizer, plots).
+      run_dir: output directory (config, logs, checkpoints, tokenizer, plots, the exported policy).
       seed: seeds the PRNG key of the run and the data order.
       stop_after: stop (with a checkpoint) once this many iterations are done, without changing
-        the learning-rate schedule; for splitting a run into time-limited jobs. None: run to
-        `ppo.total_iterations`.
+        the learning-rate schedule; for splitting a run into time-limited jobs. None: run to the
+        algorithm's `total_iterations`.
       compilation_cache: directory for JAX's persistent compilation cache (None: off).
-      models, tokenizer, data, logging, checkpoint: see their classes.
-      ptx_data: pretraining text for PPO-ptx; required when `ppo.ptx_coef > 0`, else unset.
-      ppo: `rlhf_jax.ppo.PPOConfig`; `pad_token_id` comes from the tokenizer and the tokenizer's
-        stop tokens are added to `stop_token_ids`.
+      models, tokenizer, data, logging, checkpoint: see their classes (`models.value` and
+        `models.shared_value_head` are read only by algorithms with a critic).
+      ptx_data: pretraining text for PPO-ptx; required when the algorithm's `ptx_coef > 0`, else
+        unset.
       mesh: `rlhf_jax.sharding.MeshConfig`, the `(data, fsdp, tensor)` device mesh.
+    The algorithm's section: its `pad_token_id` comes from the tokenizer and the tokenizer's stop
+    tokens are added to `stop_token_ids`.
     """
+
+    #: The YAML section holding the algorithm's config (set by each subclass).
+    section: ClassVar[str] = ""
 
     run_dir: str
     seed: int = 0
@@ -290,25 +297,61 @@ class PPORunConfig:
     models: ModelsConfig
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig
-    ppo: PPOConfig
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     ptx_data: PtxDataConfig | None = None
 
+    def algorithm(self) -> RLConfig:
+        """The algorithm's config (the `section` field)."""
+        return getattr(self, self.section)
+
     def __post_init__(self) -> None:
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1 or null, got {self.stop_after}")
-        if self.ppo.ptx_coef > 0 and self.ptx_data is None:
+        ptx_coef, key = self.algorithm().ptx_coef, f"{self.section}.ptx_coef"
+        if ptx_coef > 0 and self.ptx_data is None:
             raise ValueError(
-                f"ppo.ptx_coef={self.ppo.ptx_coef} needs pretraining text: set ptx_data.path "
-                "(a dataset with a text column), or ppo.ptx_coef=0"
+                f"{key}={ptx_coef} needs pretraining text: set ptx_data.path "
+                f"(a dataset with a text column), or {key}=0"
             )
-        if self.ptx_data is not None and self.ppo.ptx_coef <= 0:
+        if self.ptx_data is not None and ptx_coef <= 0:
             raise ValueError(
-                "ptx_data is set but ppo.ptx_coef=0, so it would be unused; set ppo.ptx_coef > 0 "
+                f"ptx_data is set but {key}=0, so it would be unused; set {key} > 0 "
                 "or remove ptx_data"
             )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPORunConfig(RLRunConfig):
+    """`rlhf-jax train ppo`; `ppo` holds `algorithms.PPOConfig`."""
+
+    section: ClassVar[str] = "ppo"
+    ppo: PPOConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLOORunConfig(RLRunConfig):
+    """`rlhf-jax train rloo`; `rloo` holds `algorithms.RLOOConfig`."""
+
+    section: ClassVar[str] = "rloo"
+    rloo: RLOOConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GRPORunConfig(RLRunConfig):
+    """`rlhf-jax train grpo`; `grpo` holds `algorithms.GRPOConfig`."""
+
+    section: ClassVar[str] = "grpo"
+    grpo: GRPOConfig
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReinforcePPRunConfig(RLRunConfig):
+    """`rlhf-jax train reinforce++`; `reinforce` holds `algorithms.ReinforcePPConfig`."""
+
+    section: ClassVar[str] = "reinforce"
+    reinforce: ReinforcePPConfig
 
 
 # ------------------------------------------------------------------------------------ registry
@@ -389,9 +432,16 @@ def algorithms() -> dict[str, Algorithm]:
     return dict(_ALGORITHMS)
 
 
-register_algorithm(
-    "ppo",
-    config="rlhf_jax.config:PPORunConfig",
-    run="rlhf_jax.trainer:train_ppo",
-    help="PPO with a reward model or a reward function (TRL PPOTrainer semantics)",
-)
+for _name, _config, _help in (
+    (
+        "ppo",
+        "PPORunConfig",
+        "PPO with a reward model or a reward function (TRL PPOTrainer semantics)",
+    ),
+    ("rloo", "RLOORunConfig", "RLOO: leave-one-out baseline over k completions"),
+    ("grpo", "GRPORunConfig", "GRPO: group-normalised advantages, KL loss term"),
+    ("reinforce++", "ReinforcePPRunConfig", "REINFORCE++: globally whitened discounted returns"),
+):
+    register_algorithm(
+        _name, config=f"rlhf_jax.config:{_config}", run="rlhf_jax.trainer:train", help=_help
+    )

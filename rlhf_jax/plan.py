@@ -6,8 +6,9 @@ data are read), builds the run's mesh over the topology's devices (`jax.experime
 which needs libtpu: `pip install "jax[tpu]==<installed jax>"`), and lowers and compiles with the
 real TPU compiler every program the trainer runs, with the trainer's shardings and donation:
 
-- PPO: `rollout`, `score` (reward model) and `finish` (experience + update) at the full response
-  width (the largest length bucket), and the one-jit `ppo_iteration`.
+- `rollout`, `score` (with a reward model) and `finish` (experience + update) at the full
+  response width (the largest length bucket), and with a reward model the one-jit `iteration`;
+  for every algorithm (`--algorithm ppo | rloo | grpo | reinforce++`).
 
 Per program and per chip it reports arguments, outputs, temporaries and the peak (the program's
 own buffers plus the run's state that lives outside it, e.g. the reward model during the
@@ -31,8 +32,10 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import config as cfg
-from rlhf_jax import models, ppo, sharding
+from rlhf_jax import models, sharding
+from rlhf_jax.core import FrozenParams, RLConfig, RLModels, iteration_programs, jit_iteration
 from rlhf_jax.models import lora
+from rlhf_jax.run_setup import check_mesh, resolve_models
 
 GiB = 1024**3
 
@@ -181,34 +184,35 @@ def forward_flops_per_token(config: models.ModelConfig, context: float) -> float
     return 2.0 * (layers * per_layer + head) + attention
 
 
-def ppo_iteration_flops(
-    config: ppo.PPOConfig, pm: ppo.PPOModels, prompt_len: int
-) -> dict[str, float]:
-    """Model FLOPs of one PPO iteration by phase (TRL's order): generation (prefill + one decode
-    step per response token, each over its growing context), the reference / value / reward
-    forwards over prompt + response, and the update (`num_ppo_epochs` passes of forward +
-    backward, 3x a forward, 2x with LoRA, through the policy and the value model)."""
+def iteration_flops(config: RLConfig, rl_models: RLModels, prompt_len: int) -> dict[str, float]:
+    """Model FLOPs of one iteration by phase (TRL's order): generation (a prefill per distinct
+    prompt with `shared_prefill`, one decode step per response token over its growing context),
+    the reference forward (when a KL is used), the reward and value forwards over prompt +
+    response (when there are such models), and the update (`epochs` passes of forward +
+    backward, 3x a forward, 2x with LoRA, through the policy and a value model)."""
     b, p, r = config.batch_size, prompt_len, config.response_length
-    t = p + r
-    full = b * t  # tokens of one full pass over the batch
-    mean_context = t / 2  # causal attention over a sequence of t tokens
-    policy = forward_flops_per_token(pm.policy, mean_context)
+    full = b * (p + r)  # tokens of one full pass over the batch
+    mean_context = (p + r) / 2  # causal attention over a sequence of p + r tokens
+    policy = forward_flops_per_token(rl_models.policy, mean_context)
+    prefills = config.num_prompts if config.shared_prefill else b
     flops = {
-        "generate": b * p * forward_flops_per_token(pm.policy, p / 2)
-        + b * r * forward_flops_per_token(pm.policy, p + r / 2),
-        "reference": full * policy,
-        "reward": full * forward_flops_per_token(pm.reward, mean_context),
+        "generate": prefills * p * forward_flops_per_token(rl_models.policy, p / 2)
+        + b * r * forward_flops_per_token(rl_models.policy, p + r / 2),
+        "reference": full * policy if config.needs_ref else 0.0,
     }
-    value = 0.0 if pm.value is None else forward_flops_per_token(pm.value, mean_context)
-    flops["value"] = full * value
+    if rl_models.reward is not None:
+        flops["reward"] = full * forward_flops_per_token(rl_models.reward, mean_context)
+    critic = rl_models.value if config.has_critic else None
+    value = 0.0 if critic is None else forward_flops_per_token(critic, mean_context)
+    if config.has_critic:
+        flops["value"] = full * value
     if config.recompute_old_logprobs:
         flops["old_logprobs"] = full * policy
     # Forward + backward is 3x a forward; with LoRA 2x (no weight gradients for the base; the
     # adapters' own FLOPs are rank / width of it and not counted).
     passes = lambda c: 2.0 if c is not None and c.lora is not None else 3.0  # noqa: E731
-    flops["update"] = (
-        config.num_ppo_epochs * full * (passes(pm.policy) * policy + passes(pm.value) * value)
-    )
+    update = passes(rl_models.policy) * policy + passes(critic) * value
+    flops["update"] = config.epochs * full * update
     return flops
 
 
@@ -333,14 +337,8 @@ def _compile(
 
 
 def _abstract_outputs(compiled: Any, fn: Any, args: Sequence[Any], **static) -> Any:
-    shapes = jax.eval_shape(functools_partial(fn, **static), *args)
+    shapes = fn.eval_shape(*args, **static)
     return _with_shardings(shapes, compiled.output_shardings)
-
-
-def functools_partial(fn: Any, **static) -> Any:
-    if not static:
-        return fn
-    return lambda *args: fn(*args, **static)
 
 
 def _for_backend(config: models.ModelConfig, backend: str) -> models.ModelConfig:
@@ -352,231 +350,90 @@ def _for_backend(config: models.ModelConfig, backend: str) -> models.ModelConfig
     return dataclasses.replace(config, attention=attention.kernel_for(config, backend) or "xla")
 
 
-def plan_ppo(
-    run: cfg.PPORunConfig,
+def plan_run(
+    run: cfg.RLRunConfig,
     devices: Sequence[Any],
     topology: Topology,
     *,
     one_jit: bool = True,
     log: Callable[[str], None] = print,
 ) -> Plan:
-    """Compile a PPO run's programs for `devices` (a topology's) and measure them.
+    """Compile a run's programs for `devices` (a topology's) and measure them: the trainer's
+    `rollout`, `score` (with a reward model) and `finish` (experience + update) at the full
+    response width (the largest length bucket), and with a reward model the one-jit `iteration`
+    (`one_jit`).
 
-    Raises `trainer.SetupError` for a mesh that does not fit the device count or a batch that
-    does not divide over `data x fsdp`, before anything compiles.
+    Raises `SetupError` for a mesh that does not fit the device count or a batch that does not
+    divide over `data x fsdp`, before anything compiles.
     """
-    from rlhf_jax import trainer
-
-    pm, pc, prompt_len = ppo_shapes(run)
+    algo = run.algorithm()
+    rm, _ = resolve_models(run)
     if topology.topology != "cpu":  # attention="auto" takes the kernel of the target, not this host
-        pm = ppo.PPOModels(
+        rm = dataclasses.replace(
+            rm,
             **{
                 name: None if c is None else _for_backend(c, "tpu")
-                for name, c in (("policy", pm.policy), ("value", pm.value), ("reward", pm.reward))
-            }
+                for name, c in (("policy", rm.policy), ("value", rm.value), ("reward", rm.reward))
+            },
         )
-    trainer.check_mesh(run, devices)
+    check_mesh(run, devices)
     mesh = sharding.make_mesh(run.mesh, devices)
-    programs = trainer.iteration_programs(pc, pm, mesh)
-    shardings = ppo.ppo_shardings(pc, pm, mesh)
+    programs = iteration_programs(algo, rm, mesh)
+    shardings = programs.shardings
     frozen_dtype = run.models.frozen_dtype
     abstract_state = programs.abstract_state
-    if pm.policy.lora is not None:  # the trainer stores LoRA bases in frozen_dtype
+    if rm.policy.lora is not None:  # the trainer stores LoRA bases in frozen_dtype
         base_dtype = frozen_dtype or run.models.param_dtype
         abstract_state = abstract_state.replace(
-            policy_params=_lora_bases_as(abstract_state.policy_params, pm.policy.lora, base_dtype),
-            value_params=_lora_bases_as(abstract_state.value_params, pm.value_lora, base_dtype),
+            policy_params=_lora_bases_as(abstract_state.policy_params, rm.policy.lora, base_dtype),
+            value_params=_lora_bases_as(abstract_state.value_params, rm.value_lora, base_dtype),
         )
-    state = _with_shardings(abstract_state, programs.state_shardings)
-    ref = None  # with LoRA the reference is the policy's own base
+    state = _with_shardings(abstract_state, shardings.state)
+    ref = reward = None  # with LoRA the reference is the policy's own base
     if shardings.frozen.ref is not None:
-        ref = _with_shardings(_abstract_params(pm.policy, frozen_dtype), shardings.frozen.ref)
-    reward_shapes = _abstract_params(pm.reward, frozen_dtype)
-    if pm.value_shares_reward_base:  # the reward base is the value model's (in the state)
-        reward_shapes = {"score": reward_shapes["score"]}
-    reward = _with_shardings(reward_shapes, shardings.frozen.reward)
-    batch = sharding.batch_sharding(mesh, 2)
-    prompts = jax.ShapeDtypeStruct((pc.batch_size, prompt_len), jnp.int32, sharding=batch)
-    mask = jax.ShapeDtypeStruct((pc.batch_size, prompt_len), jnp.bool_, sharding=batch)
+        ref = _with_shardings(_abstract_params(rm.policy, frozen_dtype), shardings.frozen.ref)
+    if rm.reward is not None:
+        reward_shapes = _abstract_params(rm.reward, frozen_dtype)
+        if rm.value_shares_reward_base:  # the reward base is the value model's (in the state)
+            reward_shapes = {"score": reward_shapes["score"]}
+        reward = _with_shardings(reward_shapes, shardings.frozen.reward)
+    frozen = FrozenParams(ref=ref, reward=reward)
+    prompt_len, rep = run.data.max_prompt_length, shardings.replicated
+    prompts = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.int32, sharding=rep)
+    mask = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.bool_, sharding=rep)
     key_shape = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=shardings.replicated)
+    key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=rep)
     ref_bytes, reward_bytes = per_chip_bytes(ref), per_chip_bytes(reward)
-    width = pc.response_length
+    width = algo.response_length
     # (built outside the rules context: building it runs eager ops, which a context mesh of
     # topology devices would try to place on them)
-    iteration = ppo.jit_ppo_iteration(pc, pm, mesh) if one_jit else None
+    one = jit_iteration(algo, rm, mesh) if one_jit and rm.reward is not None else None
     out = []
     with sharding.with_rules(mesh):
-        memory, compiled = _compile(
-            "rollout", programs.rollout, (state, ref, prompts, mask, key), reward_bytes, log
-        )
+        args = (state, frozen, prompts, mask, key)
+        memory, compiled = _compile("rollout", programs.rollout, args, reward_bytes, log)
         out.append(memory)
-        roll = _abstract_outputs(compiled, programs.rollout, (state, ref, prompts, mask, key))
-        score_args = (state, reward, roll)
-        memory, compiled = _compile(
-            "score", programs.score, score_args, ref_bytes, log, width=width
-        )
-        out.append(memory)
-        scores = _abstract_outputs(compiled, programs.score, score_args, width=width)
+        roll = _abstract_outputs(compiled, programs.rollout, args)
+        scores = jax.ShapeDtypeStruct((algo.batch_size,), jnp.float32, sharding=rep)
+        if rm.reward is not None:
+            score_args = (state, frozen, roll)
+            memory, compiled = _compile(
+                "score", programs.score, score_args, ref_bytes, log, width=width
+            )
+            out.append(memory)
+            scores = _abstract_outputs(compiled, programs.score, score_args, width=width)
         finish_args = (state, roll, scores, key)
         memory, _ = _compile(
             "finish", programs.finish, finish_args, ref_bytes + reward_bytes, log, width=width
         )
         out.append(memory)
-        if iteration is not None:
-            frozen = ppo.FrozenParams(ref=ref, reward=reward)
-            memory, _ = _compile(
-                "ppo_iteration (one jit)", iteration, (state, frozen, prompts, mask, key), 0, log
-            )
+        if one is not None:
+            memory, _ = _compile("iteration (one jit)", one, args, 0, log)
             out.append(memory)
     mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    flops = ppo_iteration_flops(pc, pm, prompt_len)
+    flops = iteration_flops(algo, rm, prompt_len)
     per_chip = max(len(devices) // topology.chips, 1)
-    return Plan(topology, mesh_shape, out, flops, per_chip, lora=pm.policy.lora is not None)
-
-
-def critic_free_flops(config: Any, cf_models: Any, prompt_len: int) -> dict[str, float]:
-    """Model FLOPs of one RLOO / GRPO / REINFORCE++ iteration by phase, counted as
-    `ppo_iteration_flops` counts them: generation, the reference forward (when a KL is used), a
-    reward model's forward (when there is one) and the update (epochs x forward + backward of
-    the policy, 2x a forward with LoRA)."""
-    core = config.core()
-    b, p, r = config.batch_size, prompt_len, config.response_length
-    full = b * (p + r)
-    policy = forward_flops_per_token(cf_models.policy, (p + r) / 2)
-    prefills = config.num_prompts if config.shared_prefill else b
-    flops = {
-        "generate": prefills * p * forward_flops_per_token(cf_models.policy, p / 2)
-        + b * r * forward_flops_per_token(cf_models.policy, p + r / 2),
-        "reference": full * policy if core.needs_ref else 0.0,
-    }
-    if cf_models.reward is not None:
-        flops["reward"] = full * forward_flops_per_token(cf_models.reward, (p + r) / 2)
-    if config.recompute_old_logprobs:
-        flops["old_logprobs"] = full * policy
-    passes = 2.0 if cf_models.policy.lora is not None else 3.0
-    flops["update"] = passes * core.epochs * full * policy
-    return flops
-
-
-def plan_critic_free(
-    run: Any,
-    devices: Sequence[Any],
-    topology: Topology,
-    *,
-    log: Callable[[str], None] = print,
-) -> Plan:
-    """`plan_ppo` for `train rloo | grpo | reinforce++`: compiles the critic-free trainer's
-    programs (with a reward function: the rollout and the update at full response width, as
-    `critic_free.make_host_iteration` jits them; with a reward model: the one-jit iteration) for
-    `devices` and measures them."""
-    from rlhf_jax import critic_free as cf
-
-    mc = run.models
-    policy, scores = model_configs(mc)
-    reward = scores.get("reward")
-    if topology.topology != "cpu":
-        policy = _for_backend(policy, "tpu")
-        reward = None if reward is None else _for_backend(reward, "tpu")
-    algo = run.algorithm()
-    cf_models = cf.CriticFreeModels(policy=policy, reward=reward)
-    mesh = sharding.make_mesh(run.mesh, devices)
-    shardings = cf.critic_free_shardings(algo, cf_models, mesh)
-    rep = shardings.replicated
-    frozen_dtype = mc.frozen_dtype
-    abstract_policy = _abstract_params(policy)
-    if policy.lora is not None:
-        abstract_policy = _lora_bases_as(
-            abstract_policy, policy.lora, frozen_dtype or mc.param_dtype
-        )
-    abstract_state = jax.eval_shape(lambda p: cf.init_state(p, algo, cf_models), abstract_policy)
-    state = _with_shardings(abstract_state, shardings.state)
-    ref = None
-    if shardings.frozen.ref is not None:
-        ref = _with_shardings(_abstract_params(policy, frozen_dtype), shardings.frozen.ref)
-    reward_params = None
-    if reward is not None:
-        reward_params = _with_shardings(
-            _abstract_params(reward, frozen_dtype), shardings.frozen.reward
-        )
-    frozen = cf.CriticFreeFrozen(ref=ref, reward=reward_params)
-    prompt_len = run.data.max_prompt_length
-    prompts = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.int32, sharding=rep)
-    mask = jax.ShapeDtypeStruct((algo.num_prompts, prompt_len), jnp.bool_, sharding=rep)
-    key_shape = jax.eval_shape(lambda: jax.random.key(0))
-    key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=rep)
-    out = []
-    if mc.reward_function is not None:
-        step = cf.make_host_iteration(
-            algo,
-            cf_models,
-            lambda roll: None,
-            rollout_jit_kwargs=dict(
-                in_shardings=(shardings.state, shardings.frozen, rep, rep, rep)
-            ),
-            update_jit_kwargs=dict(out_shardings=(shardings.state, rep)),
-        )
-        args = (state, frozen, prompts, mask, key)
-        with sharding.with_rules(mesh):
-            memory, compiled = _compile("rollout", step.rollout, args, 0, log)
-            out.append(memory)
-            roll = _abstract_outputs(compiled, step.rollout, args)
-            scores = jax.ShapeDtypeStruct((algo.batch_size,), jnp.float32, sharding=rep)
-            finish_args = (state, roll, scores, key)
-            width = algo.response_length
-            memory, _ = _compile("finish", step.finish, finish_args, 0, log, width=width)
-            out.append(memory)
-    else:
-        iteration = cf.jit_iteration(algo, cf_models, mesh)
-        with sharding.with_rules(mesh):
-            args = (state, frozen, prompts, mask, key)
-            memory, _ = _compile("iteration (one jit)", iteration, args, 0, log)
-            out.append(memory)
-    mesh_shape = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
-    flops = critic_free_flops(algo, cf_models, prompt_len)
-    per_chip = max(len(devices) // topology.chips, 1)
-    return Plan(topology, mesh_shape, out, flops, per_chip, lora=policy.lora is not None)
-
-
-def model_configs(mc: cfg.ModelsConfig) -> tuple[models.ModelConfig, dict[str, models.ModelConfig]]:
-    """The policy's `ModelConfig`, with the run's LoRA, and those of the score models the run
-    names (`"reward"`, `"value"`), read as `train` reads them: their `config.json` only."""
-    from rlhf_jax import trainer
-
-    def read(name: str, head: str) -> models.ModelConfig:
-        key = f"models.{name}"
-        path = trainer.resolve_model_path(getattr(mc, name), key)
-        return trainer.read_model_config(path, key, head=head, models_config=mc)
-
-    policy = read("policy", "lm")
-    policy_lora = trainer.lora_config(mc, policy)
-    if policy_lora is not None:
-        policy = dataclasses.replace(policy, lora=policy_lora)
-    names = ("reward", "value")
-    return policy, {name: read(name, "score") for name in names if getattr(mc, name) is not None}
-
-
-def ppo_shapes(run: cfg.PPORunConfig) -> tuple[ppo.PPOModels, ppo.PPOConfig, int]:
-    """The models, PPO config and prompt length of a run, from the models' `config.json` files
-    only (as `train` resolves them, less the tokenizer: the pad and stop ids do not change any
-    shape)."""
-    from rlhf_jax import trainer
-
-    mc = run.models
-    policy, configs = model_configs(mc)
-    trunk = dataclasses.replace(policy, head="score", num_labels=1, lora=None)
-    value = None if mc.shared_value_head else configs.get("value", configs.get("reward", trunk))
-    reward = configs.get("reward", value or trunk)
-    if policy.lora is not None and value is not None:  # as `train` sets it (prepare_ppo)
-        value = dataclasses.replace(value, lora=trainer.value_lora(policy.lora))
-    shares = policy.lora is not None and mc.value is None and mc.reward is not None
-    pm = ppo.PPOModels(
-        policy=policy,
-        value=value,
-        reward=reward,
-        value_shares_reward_base=shares and not mc.shared_value_head,
-    )
-    return pm, run.ppo, run.data.max_prompt_length
+    return Plan(topology, mesh_shape, out, flops, per_chip, lora=rm.policy.lora is not None)
 
 
 # ---------------------------------------------------------------------------------- report
@@ -667,10 +524,7 @@ def main(
     devices = topology_devices(topology)
     if len(devices) % topology.chips:
         raise RuntimeError(f"{topology.topology} gave {len(devices)} devices for {topology.chips}")
-    if algorithm == "ppo":
-        plan = plan_ppo(run, devices, topology, one_jit=one_jit)
-    else:
-        plan = plan_critic_free(run, devices, topology)
+    plan = plan_run(run, devices, topology, one_jit=one_jit)
     print(format_plan(plan))
     if json_path:
         Path(json_path).write_text(json.dumps(plan_dict(plan), indent=2) + "\n")
@@ -701,10 +555,7 @@ __all__ = [
     "forward_flops_per_token",
     "gpu_topology",
     "parse_topology",
-    "plan_critic_free",
-    "plan_ppo",
-    "critic_free_flops",
-    "ppo_iteration_flops",
-    "ppo_shapes",
+    "iteration_flops",
+    "plan_run",
     "topology_devices",
 ]

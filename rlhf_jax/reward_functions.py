@@ -6,7 +6,7 @@ A reward function follows TRL's convention: it is called with keyword arguments
 per extra dataset column (e.g. `answer`, a list aligned with the completions), and returns one
 float per completion (list, tuple or 1-D array). Accept `**kwargs` to ignore columns you do not
 use. Functions run between the jitted rollout and the jitted update
-(`critic_free.make_host_iteration`); every failure is raised as a `RewardFunctionError` naming the
+(`core.make_host_iteration`); every failure is raised as a `RewardFunctionError` naming the
 function and, where one exists, the offending sample (index and text excerpt).
 
 Reference functions by `"module:function"` (`load_reward_function`), e.g.
@@ -312,7 +312,7 @@ def make_score_fn(
     *,
     model_weight: float = 1.0,
 ) -> Callable[..., tuple[np.ndarray, dict[str, float]]]:
-    """A `score_fn` for `critic_free.make_host_iteration`:
+    """A `score_fn` for `core.make_host_iteration`:
     `score_fn(roll, prompt_texts, columns=None) -> (rewards [B], metrics)`.
 
     Args:

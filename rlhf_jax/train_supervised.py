@@ -18,7 +18,7 @@ import numpy as np
 from rlhf_jax import checkpoint as ckpt
 from rlhf_jax import config as cfg
 from rlhf_jax import data, models, sharding
-from rlhf_jax.host import release_host_memory
+from rlhf_jax.host import fetch_metrics, gather_to_main, release_host_memory
 from rlhf_jax.logging import IterationClock, RunLogger
 from rlhf_jax.models import lora
 from rlhf_jax.models.lora import LoRAConfig
@@ -29,6 +29,7 @@ from rlhf_jax.reward_model import (
     pair_scores,
     reward_init_from_policy,
 )
+from rlhf_jax.run_setup import TrainResult, check_batch_mesh, open_checkpointer, with_adapters
 from rlhf_jax.sft import (
     SFTBatch,
     TrainConfig,
@@ -36,14 +37,6 @@ from rlhf_jax.sft import (
     jit_init_train_state,
     jit_train_step,
     make_sft_step,
-)
-from rlhf_jax.trainer import (
-    TrainResult,
-    check_batch_mesh,
-    fetch_metrics,
-    gather_to_main,
-    open_checkpointer,
-    with_adapters,
 )
 
 

@@ -108,8 +108,10 @@ def ppo_problem(shared_value_head: bool = False) -> dict[str, Any]:
     """A tiny deterministic PPO problem: Llama policy/value/reward configs with heads, kv heads,
     vocabulary and hidden sizes divisible by every test mesh, a `PPOConfig` whose batch (16)
     divides by data*fsdp <= 8, and left-padded prompts. `shared_value_head`: the value head on
-    the policy trunk (`PPOModels(value=None)`) instead of a value model."""
-    from rlhf_jax import models, ppo
+    the policy trunk (`RLModels(value=None)`) instead of a value model. The models are under the
+    key "ppo_models" (an `RLModels`)."""
+    import rlhf_jax as rj
+    from rlhf_jax import models
 
     policy = models.ModelConfig(
         family="llama",
@@ -123,7 +125,7 @@ def ppo_problem(shared_value_head: bool = False) -> dict[str, Any]:
         max_position_embeddings=64,
     )
     reward = dataclasses.replace(policy, head="score")
-    config = ppo.PPOConfig(
+    config = rj.PPOConfig(
         batch_size=16,
         response_length=6,
         temperature=1.0,
@@ -145,7 +147,7 @@ def ppo_problem(shared_value_head: bool = False) -> dict[str, Any]:
     tokens = rng.integers(3, policy.vocab_size, size=(config.batch_size, prompt_len))
     return {
         "config": config,
-        "ppo_models": ppo.PPOModels(
+        "ppo_models": rj.RLModels(
             policy=policy, value=None if shared_value_head else reward, reward=reward
         ),
         "prompts": np.where(mask, tokens, 0).astype(np.int32),
@@ -171,12 +173,15 @@ def ppo_iteration_key(i: int) -> Any:
 
 
 def ppo_setup(mesh: Any, shared_value_head: bool = False) -> dict[str, Any]:
-    """Sharded params (born sharded, same seeds in every process), the initial state and this
-    process's rows of the prompt batch placed on `mesh`. The value model is initialised from the
-    reward model; a shared value head from a random (non-zero) kernel."""
+    """Sharded params (born sharded, same seeds in every process), the initial state and the
+    prompt batch replicated on `mesh` (every process passes the whole batch: the iteration splits
+    the rows over the batch axes itself); `rows` are the rows this process's devices hold. The
+    value model is initialised from the reward model; a shared value head from a random
+    (non-zero) kernel."""
     import jax
 
-    from rlhf_jax import models, ppo
+    import rlhf_jax as rj
+    from rlhf_jax import models
     from rlhf_jax import sharding as sh
 
     problem = ppo_problem(shared_value_head)
@@ -190,13 +195,13 @@ def ppo_setup(mesh: Any, shared_value_head: bool = False) -> dict[str, Any]:
         shape = (ppo_models.policy.hidden_size, 1)
         value = jax.jit(
             lambda k: {"score": {"kernel": 0.1 * jax.random.normal(k, shape)}},
-            out_shardings=ppo.ppo_shardings(config, ppo_models, mesh).state.value_params,
+            out_shardings=rj.rl_shardings(config, ppo_models, mesh).state.value_params,
         )(jax.random.key(5))
     rows = sh.local_batch_slice(mesh, config.batch_size)
     return {
-        "state": ppo.jit_init_state(config, ppo_models, mesh)(policy, value),
-        "frozen": ppo.FrozenParams(ref=policy, reward=reward),
-        "batch": sh.place_batch((problem["prompts"][rows], problem["prompt_mask"][rows]), mesh),
+        "state": rj.jit_init_state(config, ppo_models, mesh)(policy, value),
+        "frozen": rj.FrozenParams(ref=policy, reward=reward),
+        "batch": sh.place_replicated((problem["prompts"], problem["prompt_mask"]), mesh),
         "rows": rows,
     }
 
@@ -212,7 +217,7 @@ def ppo_summaries(state: Any, mesh: Any) -> dict[str, np.ndarray]:
         lambda s: {
             "policy_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.policy_params)),
             "value_sq_sum": sum(jnp.sum(x**2) for x in jax.tree.leaves(s.value_params)),
-            "opt_state_sum": sum(jnp.sum(x) for x in jax.tree.leaves(s.policy_opt_state)),
+            "opt_state_sum": sum(jnp.sum(x) for x in jax.tree.leaves(s.opt_state)),
         },
         out_shardings=sh.replicated(mesh),
     )(state)
@@ -221,13 +226,13 @@ def ppo_summaries(state: Any, mesh: Any) -> dict[str, np.ndarray]:
 
 def ppo_run(mesh: Any, shared_value_head: bool = False) -> dict[str, np.ndarray]:
     """`PPO_ITERATIONS` sharded PPO iterations on `mesh`; every process of a multi-process run
-    calls it and feeds only its own rows of the prompt batch. Returns the metrics of every
-    iteration (`"{i}/{name}"`) and global reductions of the final state (`ppo_summaries`)."""
-    from rlhf_jax import ppo
+    calls it with the whole (replicated) prompt batch. Returns the metrics of every iteration
+    (`"{i}/{name}"`) and global reductions of the final state (`ppo_summaries`)."""
+    import rlhf_jax as rj
 
     problem = ppo_problem(shared_value_head)
     setup = ppo_setup(mesh, shared_value_head)
-    iteration = ppo.jit_ppo_iteration(problem["config"], problem["ppo_models"], mesh)
+    iteration = rj.jit_iteration(problem["config"], problem["ppo_models"], mesh)
     state, out = setup["state"], {}
     for i in range(PPO_ITERATIONS):
         state, metrics = iteration(state, setup["frozen"], *setup["batch"], ppo_iteration_key(i))
@@ -242,12 +247,13 @@ def ppo_run(mesh: Any, shared_value_head: bool = False) -> dict[str, np.ndarray]
 
 def grpo_problem() -> dict[str, Any]:
     """GRPO (reward model, KL term) on `ppo_problem`'s models and first 4 prompts: 4 prompts x 4
-    completions, so the prompts (replicated) do not divide the 8-device mesh but the rows do."""
-    from rlhf_jax import critic_free as cf
+    completions, so the prompts (replicated) do not divide the 8-device mesh but the rows do. The
+    models are under the key "cf_models" (an `RLModels`)."""
+    import rlhf_jax as rj
 
     problem = ppo_problem()
     models_ = problem["ppo_models"]
-    config = cf.GRPOConfig(
+    config = rj.GRPOConfig(
         num_prompts=4,
         num_generations=4,
         response_length=6,
@@ -260,7 +266,7 @@ def grpo_problem() -> dict[str, Any]:
     )
     return {
         "config": config,
-        "cf_models": cf.CriticFreeModels(policy=models_.policy, reward=models_.reward),
+        "cf_models": rj.RLModels(policy=models_.policy, reward=models_.reward),
         "prompts": problem["prompts"][:4],
         "prompt_mask": problem["prompt_mask"][:4],
     }
@@ -273,18 +279,19 @@ def grpo_run(mesh: Any) -> dict[str, np.ndarray]:
     import jax
     import jax.numpy as jnp
 
-    from rlhf_jax import critic_free as cf
+    import rlhf_jax as rj
     from rlhf_jax import models
     from rlhf_jax import sharding as sh
 
     problem = grpo_problem()
-    config, cf_models = problem["config"], problem["cf_models"]
-    policy = models.sharded_init_params(cf_models.policy, jax.random.key(0), mesh)
-    reward = ppo_scale_reward(models.sharded_init_params(cf_models.reward, jax.random.key(1), mesh))
-    shardings = cf.critic_free_shardings(config, cf_models, mesh)
-    state = jax.jit(lambda p: cf.init_state(p, config), out_shardings=shardings.state)(policy)
-    frozen = cf.CriticFreeFrozen(ref=policy, reward=reward)
-    step = cf.jit_iteration(config, cf_models, mesh)
+    config, rl_models = problem["config"], problem["cf_models"]
+    policy = models.sharded_init_params(rl_models.policy, jax.random.key(0), mesh)
+    reward = ppo_scale_reward(models.sharded_init_params(rl_models.reward, jax.random.key(1), mesh))
+    shardings = rj.rl_shardings(config, rl_models, mesh)
+    init = jax.jit(lambda p: rj.init_state(p, config, rl_models), out_shardings=shardings.state)
+    state = init(policy)
+    frozen = rj.FrozenParams(ref=policy, reward=reward)
+    step = rj.jit_iteration(config, rl_models, mesh)
     out = {}
     for i in range(2):
         batch = sh.place_replicated(

@@ -4,6 +4,7 @@ compilation per algorithm, and bad input."""
 
 import dataclasses
 import functools
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 from tolerances import GRADIENT, MODEL, REORDERED, assert_f32_close
 
-from rlhf_jax import critic_free as cf
-from rlhf_jax import models, ppo
+import rlhf_jax as rj
+from rlhf_jax import core, models
 from rlhf_jax import reward_functions as rf
 from rlhf_jax import sharding as sh
+from rlhf_jax.core import GroupedConfig
 from rlhf_jax.ops import INVALID_LOGPROB
 from rlhf_jax.sampling import Generation, generate
 
@@ -85,7 +87,16 @@ def random_logprobs(batch, length, lengths, seed):
 # ----------------------------------------------------------------------------------- losses
 
 BASE = dict(num_prompts=2, response_length=6)
-policy_loss = jax.jit(cf.policy_loss, static_argnames="spec")
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def policy_loss(logp, old, ref, adv, mask, *, config, token_scale=1.0):
+    """The algorithm's policy objective (`config.policy_objective`) on one micro-batch of
+    log-probs; length-normalised losses divide by `config.response_length`."""
+    mb = SimpleNamespace(
+        old_logprobs=old, ref_logprobs=ref, advantages=adv, mask=jnp.asarray(mask, bool)
+    )
+    return config.policy_objective(logp, mb, jnp.asarray(token_scale, jnp.float32), None)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
@@ -93,22 +104,23 @@ def test_grpo_loss_types_against_trl(loss_type):
     logp, old, ref, mask = random_logprobs(4, 6, [6, 2, 4, 1], seed=0)
     old = np.where(mask, logp + np.random.default_rng(1).normal(0, 0.3, logp.shape), old)
     adv_B = np.array([1.5, -0.7, 0.3, -2.0], np.float32)
-    config = cf.GRPOConfig(
+    config = rj.GRPOConfig(
         num_generations=2, epsilon=0.2, epsilon_high=0.28, beta=0.04, loss_type=loss_type, **BASE
     )
     adv_BT = np.where(mask, adv_B[:, None], 0.0).astype(np.float32)
-    loss, aux = policy_loss(logp, old, ref, adv_BT, mask, spec=config.core())
+    loss, aux = policy_loss(logp, old, ref, adv_BT, mask, config=config)
     want = trl_grpo_loss(
         logp, old, ref, adv_B, mask, eps=0.2, eps_high=0.28, beta=0.04, loss_type=loss_type
     )
     assert_f32_close(loss, want, ulps=REORDERED, floor=1.0)
-    assert cf.trl_loss_aggregation(loss_type) == config.core().aggregation
+    assert rj.trl_loss_aggregation(loss_type) == rj.TRL_LOSS_TYPES[config.loss_type]
     assert float(aux["clipfrac"]) > 0  # the clip (both ends) is exercised
 
 
 def test_loss_types_agree_for_one_full_sample():
     logp, old, ref, mask = random_logprobs(1, 5, [5], seed=2)
     adv = np.full((1, 5), 0.8, np.float32)
+    full = {**BASE, "response_length": 5}  # dr_grpo's normaliser: the 5 columns, all real
     losses = [
         policy_loss(
             logp,
@@ -116,9 +128,9 @@ def test_loss_types_agree_for_one_full_sample():
             ref,
             adv,
             mask,
-            spec=cf.GRPOConfig(num_generations=2, beta=0.1, loss_type=t, **BASE).core(),
+            config=rj.GRPOConfig(num_generations=2, beta=0.1, loss_type=t, **full),
         )[0]
-        for t in cf.TRL_LOSS_TYPES
+        for t in rj.TRL_LOSS_TYPES
     ]
     assert_f32_close(losses, np.full(len(losses), losses[0]), ulps=REORDERED, floor=1.0)
 
@@ -129,18 +141,19 @@ def test_dapo_normalises_by_the_minibatch_token_count():
     micro-batch token means (TRL's two behaviours)."""
     logp, old, ref, mask = random_logprobs(4, 5, [5, 2, 1, 1], seed=3)
     adv = np.where(mask, np.array([1.0, -1.0, 2.0, 0.5])[:, None], 0.0).astype(np.float32)
-    spec = cf.GRPOConfig(num_generations=2, beta=0.1, loss_type="dapo", **BASE).core()
-    scales = cf.minibatch_token_scales(mask.reshape(2, 2, 5))
+    config = rj.GRPOConfig(num_generations=2, beta=0.1, loss_type="dapo", **BASE)
+    scales = core.minibatch_token_scales(mask.reshape(2, 2, 5))
     np.testing.assert_allclose(scales, [7 * 2 / 9, 2 * 2 / 9], rtol=1e-6)
     halves = [
         [x[:2] for x in (logp, old, ref, adv, mask)],
         [x[2:] for x in (logp, old, ref, adv, mask)],
     ]
     dapo = [
-        policy_loss(*h, spec=spec, token_scale=c)[0] for h, c in zip(halves, scales, strict=True)
+        policy_loss(*h, config=config, token_scale=c)[0]
+        for h, c in zip(halves, scales, strict=True)
     ]
-    bnpo = [policy_loss(*h, spec=spec)[0] for h in halves]
-    whole, _ = policy_loss(logp, old, ref, adv, mask, spec=spec)
+    bnpo = [policy_loss(*h, config=config)[0] for h in halves]
+    whole, _ = policy_loss(logp, old, ref, adv, mask, config=config)
     assert_f32_close(np.mean(dapo), whole, ulps=REORDERED, floor=1.0)
     bnpo = np.mean(bnpo)
     assert abs(bnpo - whole) > 1e-3
@@ -153,13 +166,13 @@ def test_rloo_sequence_ratio_loss_against_trl():
     old = np.where(mask, logp - log_ratio_B[:, None] / mask.sum(1, keepdims=True), logp)
     adv_B = np.array([0.9, -1.1, 0.4, -0.2], np.float32)
     adv = np.where(mask, adv_B[:, None], 0.0).astype(np.float32)
-    spec = cf.RLOOConfig(rloo_k=2, cliprange=0.2, **BASE).core()
-    loss, aux = policy_loss(logp, old, ref, adv, mask, spec=spec)
+    config = rj.RLOOConfig(rloo_k=2, cliprange=0.2, **BASE)
+    loss, aux = policy_loss(logp, old, ref, adv, mask, config=config)
     want = trl_rloo_loss(logp, old, adv_B, cliprange=0.2)
     assert_f32_close(loss, want, ulps=REORDERED, floor=1.0)
     # Values under the mask never matter.
     noisy = [np.where(mask, x, 7.0).astype(np.float32) for x in (logp, old, ref)]
-    loss_noisy, _ = policy_loss(*noisy, adv, mask, spec=spec)
+    loss_noisy, _ = policy_loss(*noisy, adv, mask, config=config)
     assert_f32_close(loss_noisy, loss, ulps=REORDERED, floor=1.0)
     np.testing.assert_allclose(aux["clipfrac"], 0.75)
 
@@ -179,7 +192,7 @@ def synthetic_rollout(batch, length, seed, lengths):
         stopped=stopped,
     )
     prompts = np.ones((batch, 3), np.int32)
-    return cf.GroupRollout(prompts, prompts > 0, gen, logp, ref, None)
+    return rj.Rollout(prompts, prompts > 0, gen, logp, ref)
 
 
 LENGTHS = [6, 2, 4, 6, 1, 3]
@@ -205,10 +218,10 @@ def np_rlhf_sequence_rewards(roll, scores, kl_coef, estimator, on_sequence):
 )
 def test_rloo_experience_against_trl(options):
     roll = synthetic_rollout(6, 6, seed=6, lengths=LENGTHS)
-    config = cf.RLOOConfig(
+    config = rj.RLOOConfig(
         num_prompts=2, rloo_k=3, response_length=6, missing_eos_penalty=1.0, **options
     )
-    exp, metrics = jax.jit(functools.partial(cf.build_experience, config=config))(
+    exp, metrics = jax.jit(functools.partial(rj.build_experience, config=config))(
         roll, RAW_SCORES, 0.1
     )
     scores = RAW_SCORES - 1.0 * ~roll.generation.stopped
@@ -230,10 +243,10 @@ def test_rloo_experience_against_trl(options):
 def test_grpo_experience_against_trl():
     scale = "batch"  # the three scalings are tested in test_advantages
     roll = synthetic_rollout(6, 6, seed=7, lengths=LENGTHS)
-    config = cf.GRPOConfig(
+    config = rj.GRPOConfig(
         num_prompts=3, num_generations=2, response_length=6, beta=0.5, scale_rewards=scale
     )
-    exp, metrics = jax.jit(functools.partial(cf.build_experience, config=config))(
+    exp, metrics = jax.jit(functools.partial(rj.build_experience, config=config))(
         roll, RAW_SCORES, 0.0
     )
     want = np_grpo(RAW_SCORES.astype(np.float64), 2, scale)
@@ -247,7 +260,7 @@ def test_grpo_experience_against_trl():
 def test_reinforce_pp_experience_against_openrlhf():
     estimator = "reinforce++-baseline"  # the baseline-free registry entry: test_advantages
     roll = synthetic_rollout(6, 6, seed=8, lengths=LENGTHS)
-    config = cf.ReinforcePPConfig(
+    config = rj.ReinforcePPConfig(
         num_prompts=3,
         n_samples_per_prompt=2,
         response_length=6,
@@ -257,7 +270,7 @@ def test_reinforce_pp_experience_against_openrlhf():
         reward_clip_range=3.0,
         missing_eos_penalty=0.5,
     )
-    exp, _ = jax.jit(functools.partial(cf.build_experience, config=config))(roll, RAW_SCORES, 0.2)
+    exp, _ = jax.jit(functools.partial(rj.build_experience, config=config))(roll, RAW_SCORES, 0.2)
     gen = roll.generation
     mask = gen.mask
     scores = np.clip(RAW_SCORES - 0.5 * ~gen.stopped, -3.0, 3.0)
@@ -303,8 +316,8 @@ SHARED = dict(
     num_mini_batches=2,
     gradient_accumulation_steps=2,
 )
-RLOO = cf.RLOOConfig(rloo_k=4, num_ppo_epochs=2, kl_coef=0.01, **SHARED)
-GRPO = cf.GRPOConfig(
+RLOO = rj.RLOOConfig(rloo_k=4, num_ppo_epochs=2, kl_coef=0.01, **SHARED)
+GRPO = rj.GRPOConfig(
     num_generations=4, num_iterations=2, beta=0.01, epsilon_high=0.28, loss_type="dapo", **SHARED
 )
 
@@ -329,30 +342,30 @@ def tiny_prompts():
 
 def run_learning(config, iterations):
     policy = models.init_params(TINY, jax.random.key(0))
-    cf_models = cf.CriticFreeModels(policy=TINY)
-    state = cf.init_state(policy, config)
-    frozen = cf.CriticFreeFrozen(ref=policy)
+    rl_models = rj.RLModels(policy=TINY)
+    state = rj.init_state(policy, config, rl_models)
+    frozen = rj.FrozenParams(ref=policy)
     prompts, mask = tiny_prompts()
     terms = rf.reward_terms(["test_critic_free:early_letter_fraction"])
     score_fn = rf.make_score_fn(terms, decode, config.group_size)
-    step = cf.make_host_iteration(config, cf_models, score_fn)
+    step = rj.make_host_iteration(config, rl_models, score_fn)
     texts = ["prompt"] * config.num_prompts
     scores, rollout_cache = [], None
     for i in range(iterations):
         state, metrics = step(state, frozen, prompts, mask, jax.random.key(i), texts)
-        ppo.check_finite(metrics, i)
+        rj.check_finite(metrics, i)
         scores.append(metrics["rewards/test_critic_free:early_letter_fraction/mean"])
         assert_f32_close(scores[-1], metrics["objective/raw_scores"], ulps=REORDERED)
         assert float(metrics["policy/first_approxkl"]) < 1e-9  # sampler log-probs = trainer's
         assert 0.0 <= float(metrics["perf/padded_fraction"]) < 1.0
         if rollout_cache is None:
-            rollout_cache = cf._shared_rollout._cache_size()
+            rollout_cache = core.shared_rollout._cache_size()
     # One compilation for the rollout, and one for the update per length bucket met.
-    assert cf._shared_rollout._cache_size() == rollout_cache
-    assert 1 <= step.finish._cache_size() <= len(config.response_buckets())
+    assert core.shared_rollout._cache_size() == rollout_cache
+    assert 1 <= step.programs.finish._cache_size() <= len(config.response_buckets())
     assert int(state.iteration) == iterations
     assert int(state.episode) == iterations * config.batch_size
-    roll = step.rollout(state, frozen, prompts, mask, jax.random.key(99))
+    roll = step.programs.rollout(state, frozen, prompts, mask, jax.random.key(99))
     return scores, roll, state
 
 
@@ -367,7 +380,7 @@ def test_rloo_raises_a_python_reward():
 
 
 def test_grpo_raises_a_python_reward_sharing_the_rollout_compilation():
-    assert GRPO.rollout_spec() == RLOO.rollout_spec()  # so the jitted rollout is shared
+    assert core.rollout_spec(GRPO) == core.rollout_spec(RLOO)  # so the jitted rollout is shared
     scores, _, _ = run_learning(GRPO, 10)
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, np.round(scores, 2)
 
@@ -376,17 +389,17 @@ def test_grpo_raises_a_python_reward_sharing_the_rollout_compilation():
 
 
 def _grpo_rollout(mesh=None, **overrides):
-    """`cf.rollout` of GRPO (no reference) on the tiny prompts: `(roll, jitted fn, args)`."""
+    """`rj.rollout` of GRPO (no reference) on the tiny prompts: `(roll, jitted fn, args)`."""
     config = dataclasses.replace(GRPO, beta=0.0, **overrides)
-    cf_models = cf.CriticFreeModels(policy=TINY)
+    rl_models = rj.RLModels(policy=TINY)
     policy = models.init_params(TINY, jax.random.key(0))
-    state, frozen = cf.init_state(policy, config), cf.CriticFreeFrozen()
+    state, frozen = rj.init_state(policy, config, rl_models), rj.FrozenParams()
     prompts, mask = tiny_prompts()
-    fn = functools.partial(cf.rollout, config=config, cf_models=cf_models)
+    fn = functools.partial(rj.rollout, config=config, rl_models=rl_models)
     if mesh is None:
         jitted = jax.jit(fn)
     else:
-        s = cf.critic_free_shardings(config, cf_models, mesh)
+        s = rj.rl_shardings(config, rl_models, mesh)
         state = jax.device_put(state, s.state)
         rep = s.replicated
         jitted = sh.jit_with_rules(fn, mesh, in_shardings=(s.state, None, rep, rep, rep))
@@ -452,13 +465,13 @@ def abstract_params(config):
 
 def test_beta_zero_never_runs_the_reference_and_kl_needs_it():
     policy = abstract_params(TINY)
-    cf_models = cf.CriticFreeModels(policy=TINY)
+    rl_models = rj.RLModels(policy=TINY)
     prompts, mask = tiny_prompts()
     config = dataclasses.replace(GRPO, beta=0.0)
-    state = jax.eval_shape(lambda p: cf.init_state(p, config), policy)
+    state = jax.eval_shape(lambda p: rj.init_state(p, config, rl_models), policy)
     roll = jax.eval_shape(
-        lambda s, p, m, k: cf.rollout(
-            s, cf.CriticFreeFrozen(), p, m, k, config=config, cf_models=cf_models
+        lambda s, p, m, k: rj.rollout(
+            s, rj.FrozenParams(), p, m, k, config=config, rl_models=rl_models
         ),
         state,
         prompts,
@@ -467,14 +480,14 @@ def test_beta_zero_never_runs_the_reference_and_kl_needs_it():
     )
     assert roll.ref_logprobs.shape == (16, 8) and roll.model_scores is None
     with pytest.raises(ValueError, match="frozen.ref is None"):
-        cf.rollout(
-            state, cf.CriticFreeFrozen(), prompts, mask, jax.random.key(0), config=GRPO,
-            cf_models=cf_models,
+        rj.rollout(
+            state, rj.FrozenParams(), prompts, mask, jax.random.key(0), config=GRPO,
+            rl_models=rl_models,
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"expected prompts of shape \[num_prompts=4, P\]"):
-        cf.rollout(
-            state, cf.CriticFreeFrozen(), prompts[:3], mask[:3], jax.random.key(0),
-            config=config, cf_models=cf_models,
+        rj.rollout(
+            state, rj.FrozenParams(), prompts[:3], mask[:3], jax.random.key(0),
+            config=config, rl_models=rl_models,
         )  # fmt: skip
 
 
@@ -482,56 +495,58 @@ def test_reward_model_rollout_traces_and_iteration_needs_one():
     reward_config = dataclasses.replace(TINY, head="score")
     policy = abstract_params(TINY)
     reward = abstract_params(reward_config)
-    cf_models = cf.CriticFreeModels(policy=TINY, reward=reward_config)
-    config = cf.ReinforcePPConfig(
+    rl_models = rj.RLModels(policy=TINY, reward=reward_config)
+    config = rj.ReinforcePPConfig(
         n_samples_per_prompt=2, advantage_estimator="reinforce++-baseline", **SHARED
     )
     prompts, mask = tiny_prompts()
-    state = jax.eval_shape(lambda p: cf.init_state(p, config), policy)
+    state = jax.eval_shape(lambda p: rj.init_state(p, config, rl_models), policy)
+    frozen = rj.FrozenParams(ref=policy, reward=reward)
     roll = jax.eval_shape(
-        functools.partial(cf.rollout, config=config, cf_models=cf_models),
+        functools.partial(rj.rollout, config=config, rl_models=rl_models),
         state,
-        cf.CriticFreeFrozen(ref=policy, reward=reward),
+        frozen,
         prompts,
         mask,
         jax.random.key(0),
     )
-    assert roll.model_scores.shape == (8,) and roll.prompts.shape == (8, 6)
+    # The rollout no longer scores: the reward model runs in `score_rollout`.
+    model_scores = jax.eval_shape(
+        functools.partial(core.score_rollout, rl_models=rl_models), state, frozen, roll
+    )
+    assert model_scores.shape == (8,) and roll.prompts.shape == (8, 6)
     with pytest.raises(ValueError, match="frozen.reward is None"):
-        cf.rollout(
-            state, cf.CriticFreeFrozen(ref=policy), prompts, mask, jax.random.key(0),
-            config=config, cf_models=cf_models,
-        )  # fmt: skip
-    with pytest.raises(ValueError, match="cf_models.reward is None"):
-        cf.iteration(
-            state, cf.CriticFreeFrozen(ref=policy), prompts, mask, jax.random.key(0),
-            config=config, cf_models=cf.CriticFreeModels(policy=TINY),
+        core.score_rollout(state, rj.FrozenParams(ref=policy), roll, rl_models=rl_models)
+    with pytest.raises(ValueError, match="rl_models.reward is None"):
+        rj.iteration(
+            state, rj.FrozenParams(ref=policy), prompts, mask, jax.random.key(0),
+            config=config, rl_models=rj.RLModels(policy=TINY),
         )  # fmt: skip
 
 
 def test_bad_configs():
     with pytest.raises(ValueError, match="rloo_k must be >= 2"):
-        cf.RLOOConfig(num_prompts=2, rloo_k=1)
+        rj.RLOOConfig(num_prompts=2, rloo_k=1)
     with pytest.raises(ValueError, match="num_generations must be >= 2"):
-        cf.GRPOConfig(num_prompts=2, num_generations=1)
+        rj.GRPOConfig(num_prompts=2, num_generations=1)
     with pytest.raises(ValueError, match="unknown loss_type 'sum'"):
-        cf.GRPOConfig(num_prompts=2, loss_type="sum")
+        rj.GRPOConfig(num_prompts=2, loss_type="sum")
     with pytest.raises(ValueError, match="scale_rewards must be"):
-        cf.GRPOConfig(num_prompts=2, scale_rewards="std")
-    with pytest.raises(ValueError, match=r"3 x 2 = 6 completions must be a multiple of"):
-        cf.RLOOConfig(num_prompts=3, num_mini_batches=4)
+        rj.GRPOConfig(num_prompts=2, scale_rewards="std")
+    with pytest.raises(ValueError, match=r"3 x 2 = 6 completions must be a positive multiple of"):
+        rj.RLOOConfig(num_prompts=3, num_mini_batches=4)
     with pytest.raises(ValueError, match="n_samples_per_prompt must be >= 2"):
-        cf.ReinforcePPConfig(num_prompts=2, advantage_estimator="reinforce++-baseline")
+        rj.ReinforcePPConfig(num_prompts=2, advantage_estimator="reinforce++-baseline")
     with pytest.raises(ValueError, match="epsilon_high must be > 0"):
-        cf.GRPOConfig(num_prompts=2, epsilon_high=-0.1)
-    with pytest.raises(TypeError, match="use RLOOConfig"):
-        cf.CriticFreeConfig(num_prompts=2)
-    assert cf.GRPOConfig(num_prompts=1, scale_rewards=False).scale_rewards == "none"
+        rj.GRPOConfig(num_prompts=2, epsilon_high=-0.1)
+    with pytest.raises(TypeError, match="is not an algorithm: use PPOConfig, RLOOConfig"):
+        GroupedConfig(num_prompts=2)
+    assert rj.GRPOConfig(num_prompts=1, scale_rewards=False).scale_rewards == "none"
     assert hash(RLOO) != hash(GRPO)  # usable as static jit arguments
     with pytest.raises(ValueError, match="scores must have shape"):
-        cf.build_experience(synthetic_rollout(6, 6, 0, LENGTHS), np.zeros(5), 0.0, config=RLOO)
+        rj.build_experience(synthetic_rollout(6, 6, 0, LENGTHS), np.zeros(5), 0.0, config=RLOO)
     with pytest.raises(ValueError, match="scalar score head"):
-        cf.CriticFreeModels(policy=TINY, reward=TINY)
+        rj.RLModels(policy=TINY, reward=TINY)
 
 
 def test_length_bucketed_update_equals_the_full_width_update():
@@ -541,17 +556,20 @@ def test_length_bucketed_update_equals_the_full_width_update():
         GRPO, loss_type="dr_grpo", stop_token_ids=tuple(range(3, TINY.vocab_size))
     )
     policy = models.init_params(TINY, jax.random.key(0))
-    state = cf.init_state(policy, config)
-    frozen = cf.CriticFreeFrozen(ref=policy)
+    rl_models = rj.RLModels(policy=TINY)
+    state = rj.init_state(policy, config, rl_models)
+    frozen = rj.FrozenParams(ref=policy)
     prompts, mask = tiny_prompts()
-    step = cf.make_host_iteration(config, cf.CriticFreeModels(policy=TINY), lambda roll: None)
-    roll = step.rollout(state, frozen, prompts, mask, jax.random.key(0))
+    step = rj.make_host_iteration(config, rl_models, lambda roll: None)
+    roll = step.programs.rollout(state, frozen, prompts, mask, jax.random.key(0))
     width = config.bucket_width(np.asarray(roll.generation.sequence_lengths))
     assert width < config.response_length  # nearly every token stops a row
     scores = np.linspace(-1.0, 1.0, config.batch_size).astype(np.float32)
     copy = lambda: jax.tree.map(jnp.copy, state)
-    full = step.finish(copy(), roll, scores, jax.random.key(1), width=config.response_length)
-    cut = step.finish(copy(), roll, scores, jax.random.key(1), width=width)
+    full = step.programs.finish(
+        copy(), roll, scores, jax.random.key(1), width=config.response_length
+    )
+    cut = step.programs.finish(copy(), roll, scores, jax.random.key(1), width=width)
     # The padded fraction of the positions the update pays for: 1 - real / (rows x width).
     real = float(np.sum(roll.generation.mask))
     for metrics, w in ((full[1], config.response_length), (cut[1], width)):

@@ -17,8 +17,8 @@ from hf_utils import EOS_ID, PAD_ID, VOCAB_SIZE, randomize_, state_dict_numpy, t
 from safetensors.numpy import load_file
 from tolerances import MODEL, assert_f32_close, tolerance
 
-from rlhf_jax import critic_free as cf
-from rlhf_jax import models, ppo
+import rlhf_jax as rj
+from rlhf_jax import models
 from rlhf_jax.models import ModelConfig, forward, init_cache, lm_logits, load, save
 from rlhf_jax.models.hf import config_from_hf, config_to_hf, hf_to_params, params_to_hf
 from rlhf_jax.sampling import SamplingConfig, generate
@@ -381,29 +381,29 @@ def test_ppo_iteration_on_a_tiny_gemma2_policy_and_reward_model():
     policy = models.init_params(TINY, jax.random.key(0))
     reward = models.init_params(TINY_RM, jax.random.key(1))
     assert float(jnp.abs(policy["final_norm"]["scale"]).max()) == 0.0  # stored as weight - 1
-    config = ppo.PPOConfig(
+    config = rj.PPOConfig(
         batch_size=4, response_length=6, stop_token_ids=(EOS_ID,), num_ppo_epochs=1
     )
-    state = ppo.init_state(policy, reward, config)
-    step = ppo.jit_ppo_iteration(config, ppo.PPOModels(policy=TINY, value=TINY_RM, reward=TINY_RM))
+    state = rj.init_state(policy, config, value_params=reward)
+    step = rj.jit_iteration(config, rj.RLModels(policy=TINY, value=TINY_RM, reward=TINY_RM))
     prompts, mask = tiny_prompts(4)
-    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    frozen = rj.FrozenParams(ref=policy, reward=reward)
     state, metrics = step(state, frozen, prompts, mask, jax.random.key(0))
-    ppo.check_finite(metrics, 0)
+    rj.check_finite(metrics, 0)
     assert int(state.iteration) == 1 and all(np.isfinite(np.asarray(v)) for v in metrics.values())
 
 
 def test_grpo_iteration_on_a_tiny_gemma2_policy_and_reward_model():
     policy = models.init_params(TINY, jax.random.key(0))
     reward = models.init_params(TINY_RM, jax.random.key(1))
-    config = cf.GRPOConfig(
+    config = rj.GRPOConfig(
         num_prompts=2, num_generations=2, response_length=6, stop_token_ids=(EOS_ID,), beta=0.1
     )
-    step = cf.jit_iteration(config, cf.CriticFreeModels(policy=TINY, reward=TINY_RM))
+    step = rj.jit_iteration(config, rj.RLModels(policy=TINY, reward=TINY_RM))
     prompts, mask = tiny_prompts(2)
-    frozen = cf.CriticFreeFrozen(ref=policy, reward=reward)
-    state, metrics = step(cf.init_state(policy, config), frozen, prompts, mask, jax.random.key(0))
-    ppo.check_finite(metrics, 0)
+    frozen = rj.FrozenParams(ref=policy, reward=reward)
+    state, metrics = step(rj.init_state(policy, config), frozen, prompts, mask, jax.random.key(0))
+    rj.check_finite(metrics, 0)
     assert int(state.iteration) == 1 and all(np.isfinite(np.asarray(v)) for v in metrics.values())
 
 

@@ -15,8 +15,8 @@ from test_critic_free import GRPO, decode, tiny_prompts
 from test_ppo import STOP, TINY, TINY_RM, left_padded
 from tolerances import EPS32, MODEL, assert_f32_close
 
-from rlhf_jax import critic_free as cf
-from rlhf_jax import models, ppo
+import rlhf_jax as rj
+from rlhf_jax import core, models
 from rlhf_jax import reward_functions as rf
 from rlhf_jax.models import lora
 
@@ -30,7 +30,7 @@ VALUE_L = dataclasses.replace(TINY_RM, lora=dataclasses.replace(LORA, train_modu
 
 
 def _lora_ppo_setup(**overrides):
-    config = ppo.PPOConfig(
+    config = rj.PPOConfig(
         **{
             "batch_size": 16,
             "response_length": 8,
@@ -52,26 +52,24 @@ def _lora_ppo_setup(**overrides):
         lora.split(models.init_params(VALUE_L, jax.random.key(2)), VALUE_L.lora)[0],
         reward,  # the reward model's base and head, plus fresh adapters
     )
-    ppo_models = ppo.PPOModels(policy=TINY_L, value=VALUE_L, reward=TINY_RM)
-    state = ppo.init_state(policy, value, config, ppo_models)
-    frozen = ppo.FrozenParams(ref=None, reward=reward)  # the reference: the policy's base
+    rl_models = rj.RLModels(policy=TINY_L, value=VALUE_L, reward=TINY_RM)
+    state = rj.init_state(policy, config, rl_models, value_params=value)
+    frozen = rj.FrozenParams(ref=None, reward=reward)  # the reference: the policy's base
     prompts, mask = left_padded(config.batch_size, 6, TINY.vocab_size, seed=3)
-    return config, ppo_models, state, frozen, prompts, mask
+    return config, rl_models, state, frozen, prompts, mask
 
 
 @functools.cache
-def _iteration(config, ppo_models):
+def _iteration(config, rl_models):
     @chex.assert_max_traces(n=1)
     def one(state, frozen, prompts, mask, key):
-        return ppo.ppo_iteration(
-            state, frozen, prompts, mask, key, config=config, ppo_models=ppo_models
-        )
+        return rj.iteration(state, frozen, prompts, mask, key, config=config, rl_models=rl_models)
 
     return jax.jit(one, donate_argnums=(0,))
 
 
 def test_lora_ppo_learns_trains_only_adapters_and_keeps_the_base():
-    config, ppo_models, state, frozen, prompts, mask = _lora_ppo_setup()
+    config, rl_models, state, frozen, prompts, mask = _lora_ppo_setup()
     base_policy = jax.device_get(lora.split(state.policy_params, TINY_L.lora)[1])
     base_value = jax.device_get(lora.split(state.value_params, VALUE_L.lora)[1])
     adapters0 = jax.device_get(lora.split(state.policy_params, TINY_L.lora)[0])
@@ -79,14 +77,14 @@ def test_lora_ppo_learns_trains_only_adapters_and_keeps_the_base():
     n_train = len(jax.tree.leaves(lora.split(state.policy_params, TINY_L.lora)[0]))
     n_all = len(jax.tree.leaves(state.policy_params))
     assert n_train == 14 and n_all > n_train
-    moments = [x for x in jax.tree.leaves(state.policy_opt_state) if x.ndim > 0]
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
     assert len(moments) == 2 * n_train
     # The reference log-probs are the base model's.
-    roll = jax.jit(functools.partial(ppo.rollout, config=config, ppo_models=ppo_models))(
+    roll = jax.jit(functools.partial(rj.rollout, config=config, rl_models=rl_models))(
         state, frozen, prompts, mask, jax.random.key(0)
     )
     gen = roll.generation
-    want, _ = ppo.policy_logprobs(
+    want, _ = core.policy_logprobs(
         base_policy,
         dataclasses.replace(TINY_L, lora=None),
         roll.prompts,
@@ -97,11 +95,11 @@ def test_lora_ppo_learns_trains_only_adapters_and_keeps_the_base():
     )
     assert_f32_close(roll.ref_logprobs, want, ulps=MODEL)
 
-    iteration = _iteration(config, ppo_models)
+    iteration = _iteration(config, rl_models)
     scores = []
     for i in range(25):
         state, metrics = iteration(state, frozen, prompts, mask, jax.random.key(i))
-        ppo.check_finite(metrics, i)
+        rj.check_finite(metrics, i)
         scores.append(float(metrics["objective/raw_scores"]))
         assert float(metrics["policy/first_ratio_std"]) < MODEL * EPS32
     assert np.mean(scores[-5:]) > np.mean(scores[:5]) + 1.0, np.round(scores, 2)
@@ -119,17 +117,17 @@ def test_lora_ppo_learns_trains_only_adapters_and_keeps_the_base():
 def test_lora_grpo_raises_a_python_reward_with_the_base_as_reference():
     config = GRPO
     policy = models.init_params(TINY_L, jax.random.key(0))
-    cf_models = cf.CriticFreeModels(policy=TINY_L)
-    state = cf.init_state(policy, config, cf_models)
+    rl_models = rj.RLModels(policy=TINY_L)
+    state = rj.init_state(policy, config, rl_models)
     base0 = jax.device_get(lora.split(state.policy_params, TINY_L.lora)[1])
-    frozen = cf.CriticFreeFrozen()  # beta > 0: the reference is the base, adapters off
+    frozen = rj.FrozenParams()  # beta > 0: the reference is the base, adapters off
     prompts, mask = tiny_prompts()
     terms = rf.reward_terms(["test_critic_free:early_letter_fraction"])
-    step = cf.make_host_iteration(config, cf_models, rf.make_score_fn(terms, decode, 4))
+    step = rj.make_host_iteration(config, rl_models, rf.make_score_fn(terms, decode, 4))
     scores = []
     for i in range(10):
         state, metrics = step(state, frozen, prompts, mask, jax.random.key(i), ["p"] * 4)
-        ppo.check_finite(metrics, i)
+        rj.check_finite(metrics, i)
         scores.append(metrics["objective/raw_scores"])
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.15, np.round(scores, 2)
     chex.assert_trees_all_equal(lora.split(state.policy_params, TINY_L.lora)[1], base0)
@@ -138,24 +136,26 @@ def test_lora_grpo_raises_a_python_reward_with_the_base_as_reference():
 
 def test_init_state_needs_the_models_for_lora_params():
     policy = models.init_params(TINY_L, jax.random.key(0))
-    with pytest.raises(ValueError, match="pass cf_models"):
-        cf.init_state(policy, GRPO)
-    with pytest.raises(ValueError, match="pass ppo_models"):
-        ppo.init_state(policy, models.init_params(TINY_RM, jax.random.key(1)), GRPO)
+    with pytest.raises(ValueError, match="pass rl_models"):
+        rj.init_state(policy, GRPO)
+    with pytest.raises(ValueError, match="pass rl_models"):
+        rj.init_state(
+            policy,
+            rj.PPOConfig(batch_size=16),
+            value_params=models.init_params(TINY_RM, jax.random.key(1)),
+        )
 
 
 def test_value_sharing_the_reward_base_equals_a_separate_copy():
     """`value_shares_reward_base`: the reward model is the value model's frozen base plus the
     reward head (`FrozenParams.reward` holds only the head): the same iterations as a run that
     keeps a second copy of the reward base."""
-    config, ppo_models, state, frozen, prompts, mask = _lora_ppo_setup()
-    shared_models = dataclasses.replace(ppo_models, value_shares_reward_base=True)
+    config, rl_models, state, frozen, prompts, mask = _lora_ppo_setup()
+    shared_models = dataclasses.replace(rl_models, value_shares_reward_base=True)
     shared_frozen = frozen._replace(reward={"score": frozen.reward["score"]})
     copy = jax.tree.map(np.asarray, state)
-    step = jax.jit(functools.partial(ppo.ppo_iteration, config=config, ppo_models=ppo_models))
-    shared_step = jax.jit(
-        functools.partial(ppo.ppo_iteration, config=config, ppo_models=shared_models)
-    )
+    step = jax.jit(functools.partial(rj.iteration, config=config, rl_models=rl_models))
+    shared_step = jax.jit(functools.partial(rj.iteration, config=config, rl_models=shared_models))
     shared_state = copy
     for i in range(2):
         state, metrics = step(state, frozen, prompts, mask, jax.random.key(i))
@@ -165,20 +165,20 @@ def test_value_sharing_the_reward_base_equals_a_separate_copy():
         assert_f32_close(shared_metrics, metrics, ulps=MODEL, per_leaf=True)
     assert_f32_close(shared_state.value_params, state.value_params, ulps=MODEL)
     with pytest.raises(ValueError, match="value_shares_reward_base needs"):
-        ppo.PPOModels(policy=TINY_L, value=TINY_RM, reward=TINY_RM, value_shares_reward_base=True)
+        rj.RLModels(policy=TINY_L, value=TINY_RM, reward=TINY_RM, value_shares_reward_base=True)
 
 
 def test_merged_decode_samples_what_unmerged_decode_samples():
     """`lora_merged_decode`: the rollout samples from merged weights; in float32 the same tokens
     and log-probs (up to rounding) as the unmerged default."""
-    config, ppo_models, state, frozen, prompts, mask = _lora_ppo_setup()
+    config, rl_models, state, frozen, prompts, mask = _lora_ppo_setup()
     trainable, base = lora.split(state.policy_params, TINY_L.lora)
     trained = jax.tree.map(lambda x: x + 0.02, trainable)  # non-zero B: a trained adapter
     state = state.replace(policy_params=lora.join(trained, base))
     rolls = {}
     for merged in (False, True):
         c = dataclasses.replace(config, lora_merged_decode=merged)
-        fn = jax.jit(functools.partial(ppo.rollout, config=c, ppo_models=ppo_models))
+        fn = jax.jit(functools.partial(rj.rollout, config=c, rl_models=rl_models))
         rolls[merged] = fn(state, frozen, prompts, mask, jax.random.key(0))
     np.testing.assert_array_equal(rolls[True].generation.tokens, rolls[False].generation.tokens)
     assert_f32_close(rolls[True].old_logprobs, rolls[False].old_logprobs, ulps=MODEL)

@@ -18,7 +18,7 @@ import transformers
 from tokenizer_utils import save_tiny_models
 from tolerances import MODEL, assert_f32_close
 
-from rlhf_jax import checkpoint, cli, config, sharding, trainer
+from rlhf_jax import checkpoint, cli, config, run_setup, sharding, trainer
 from rlhf_jax.models import lora
 
 DATA = Path(__file__).parent / "data"
@@ -125,13 +125,13 @@ def test_lora_ppo_resumes_exactly_saves_adapters_only_and_exports(tiny, tmp_path
     overrides.append(f"models.lora_adapter={adapter}")
     cfg = config.load_config(config.PPORunConfig, DATA / "tiny_ppo.yaml", overrides)
     assert cfg.models.lora is None
-    setup = trainer.prepare_ppo(cfg)
-    assert setup.ppo_models.policy.lora == model_config.lora
-    assert setup.ppo_models.value.lora.train_modules == ("score",)
-    assert setup.ppo_models.value_shares_reward_base  # one copy of the reward base
+    setup = trainer.prepare(cfg)
+    assert setup.rl_models.policy.lora == model_config.lora
+    assert setup.rl_models.value.lora.train_modules == ("score",)
+    assert setup.rl_models.value_shares_reward_base  # one copy of the reward base
     mesh = sharding.make_mesh(None, jax.devices()[:1])
-    policy = trainer.with_adapters(
-        lora.base(params), setup.ppo_models.policy, mesh, jax.random.key(0), str(adapter)
+    policy = run_setup.with_adapters(
+        lora.base(params), setup.rl_models.policy, mesh, jax.random.key(0), str(adapter)
     )
     jax.tree.map(np.testing.assert_array_equal, policy, params)  # the adapter read back exactly
 
@@ -168,8 +168,8 @@ def test_lora_grpo_run_exports_a_merged_policy_and_a_peft_adapter(tiny, tmp_path
     assert cli.main(["train", "grpo", "--resume", *split]) == 0
     assert _metrics(tmp_path / "grpo_split") == _metrics(run_dir)
     with ocp.StandardCheckpointer() as reader:
-        saved = reader.metadata(run_dir / "checkpoints" / "1" / "state").item_metadata.tree
-    leaves = jax.tree_util.tree_flatten_with_path(saved["policy_params"])[0]
+        saved = reader.metadata(run_dir / "checkpoints" / "1" / "policy").item_metadata.tree
+    leaves = jax.tree_util.tree_flatten_with_path(saved)[0]
     assert {str(path[-1].key) for path, _ in leaves} == {"lora_a", "lora_b"}
     assert all(np.isfinite(r["loss/kl_avg"]) for r in records)
     tokens = np.array([[5, 9, 13, 17, 21, 25]])

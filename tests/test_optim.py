@@ -13,8 +13,8 @@ import optax
 import pytest
 from tolerances import REORDERED, assert_f32_close
 
-from rlhf_jax import critic_free as cf
-from rlhf_jax import optim, ppo, sft
+import rlhf_jax as rj
+from rlhf_jax import optim, sft
 
 
 def np_lr(step, *, peak, total, warmup, per_unit, decay, floor):
@@ -57,9 +57,9 @@ class ScheduleTest(chex.TestCase):
             optim.lr_schedule(1e-5, total=0)
         # The trainers' configs check the same options when they are built.
         with pytest.raises(ValueError, match="lr_decay"):
-            ppo.PPOConfig(batch_size=4, lr_decay="exponential")
+            rj.PPOConfig(batch_size=4, lr_decay="exponential")
         with pytest.raises(ValueError, match="min_lr_ratio"):
-            cf.GRPOConfig(num_prompts=2, num_generations=2, min_lr_ratio=-0.1)
+            rj.GRPOConfig(num_prompts=2, num_generations=2, min_lr_ratio=-0.1)
         with pytest.raises(ValueError, match="lr_decay"):
             sft.TrainConfig(lr_decay="exp")
 
@@ -67,7 +67,7 @@ class ScheduleTest(chex.TestCase):
 def test_every_trainer_uses_the_one_schedule():
     """PPO, the critic-free algorithms and SFT read their learning rate from `lr_schedule` with
     their own units: iterations of epochs x minibatches steps, or single steps."""
-    config = ppo.PPOConfig(
+    config = rj.PPOConfig(
         batch_size=4,
         num_mini_batches=2,
         num_ppo_epochs=3,
@@ -83,7 +83,7 @@ def test_every_trainer_uses_the_one_schedule():
     ]
     got = [float(config.learning_rate_at(i)) for i in range(10)]
     assert_f32_close(got, want, ulps=REORDERED)
-    grpo = cf.GRPOConfig(
+    grpo = rj.GRPOConfig(
         num_prompts=2,
         num_generations=2,
         total_iterations=8,
@@ -92,7 +92,7 @@ def test_every_trainer_uses_the_one_schedule():
         min_lr_ratio=0.1,
         learning_rate=1e-5,
     )
-    per = grpo.core().epochs * grpo.num_mini_batches
+    per = grpo.epochs * grpo.num_mini_batches
     want = [
         np_lr(per * i, peak=1e-5, total=8, warmup=2, per_unit=per, decay="cosine", floor=0.1)
         for i in range(10)
@@ -116,9 +116,9 @@ def test_every_trainer_refuses_16_bit_trained_params():
     assert bool(jnp.all(optax.apply_updates(params, updates)["w"] == params["w"]))  # the problem
     optim.check_trainable(jax.tree.map(lambda x: x.astype(jnp.float32), params))
     for init in (
-        lambda p: cf.init_state(p, cf.GRPOConfig(num_prompts=2, num_generations=2)),
+        lambda p: rj.init_state(p, rj.GRPOConfig(num_prompts=2, num_generations=2)),
         lambda p: sft.init_train_state(p, sft.TrainConfig()),
-        lambda p: ppo.init_state(p, {"v": jnp.zeros(2)}, ppo.PPOConfig(batch_size=4)),
+        lambda p: rj.init_state(p, rj.PPOConfig(batch_size=4), value_params={"v": jnp.zeros(2)}),
     ):
         with pytest.raises(ValueError, match="bfloat16: optimiser steps at RL learning rates"):
             init(params)

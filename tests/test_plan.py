@@ -16,7 +16,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlhf_jax import config, models, plan, ppo, trainer
+import rlhf_jax as rj
+from rlhf_jax import config, models, plan, run_setup, trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = plan.GiB
@@ -110,9 +111,9 @@ def test_flops_against_a_hand_count():
     want = 2 * (2 * 576 + 800) + 4 * 2 * 8 * 10
     assert plan.forward_flops_per_token(c, 10) == want
     rm = models.ModelConfig(**{**c.__dict__, "head": "score", "num_labels": 1})
-    pm = ppo.PPOModels(policy=c, value=rm, reward=rm)
-    pc = ppo.PPOConfig(batch_size=4, response_length=6, num_ppo_epochs=2)
-    flops = plan.ppo_iteration_flops(pc, pm, prompt_len=10)
+    pm = rj.RLModels(policy=c, value=rm, reward=rm)
+    pc = rj.PPOConfig(batch_size=4, response_length=6, num_ppo_epochs=2)
+    flops = plan.iteration_flops(pc, pm, prompt_len=10)
     policy = plan.forward_flops_per_token(c, 8)  # mean context of 16 tokens
     value = plan.forward_flops_per_token(rm, 8)
     assert flops["reference"] == 4 * 16 * policy
@@ -156,7 +157,7 @@ def test_plan_compiles_the_trainers_programs_on_cpu_devices(tiny_models):
     bfloat16 take half the bytes of float32 ones."""
     run, _ = _run_config(tiny_models, "mesh.data=1", "mesh.fsdp=4")
     topology = plan.gpu_topology(4, "h100")
-    result = plan.plan_ppo(run, jax.devices()[:4], topology, one_jit=False, log=lambda _: None)
+    result = plan.plan_run(run, jax.devices()[:4], topology, one_jit=False, log=lambda _: None)
     names = [p.name for p in result.programs]
     assert names == ["rollout", "score", "finish"]
     for p in result.programs:
@@ -165,11 +166,12 @@ def test_plan_compiles_the_trainers_programs_on_cpu_devices(tiny_models):
     assert finish.aliased > 0  # the donated state
     assert result.fits and result.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
     assert "an estimate of the GPU's" in plan.format_plan(result)
-    pm, pc, _ = plan.ppo_shapes(run)
+    pm, _ = trainer.resolve_models(run)
+    pc = run.algorithm()
     f32 = plan.per_chip_bytes(
         plan._with_shardings(
             plan._abstract_params(pm.reward),
-            ppo.ppo_shardings(
+            rj.rl_shardings(
                 pc, pm, plan.sharding.make_mesh(run.mesh, jax.devices()[:4])
             ).frozen.reward,
         )
@@ -184,11 +186,11 @@ def test_bad_input_is_an_error_before_any_compile(tiny_models, monkeypatch):
     monkeypatch.setattr(plan, "_compile", no_compile)
     run, _ = _run_config(tiny_models, "mesh.data=1", "mesh.fsdp=3")
     topology = plan.gpu_topology(4, "h100")
-    with pytest.raises(trainer.SetupError, match="mesh"):
-        plan.plan_ppo(run, jax.devices()[:4], topology)
+    with pytest.raises(run_setup.SetupError, match="mesh"):
+        plan.plan_run(run, jax.devices()[:4], topology)
     run, _ = _run_config(tiny_models, "mesh.data=1", "mesh.fsdp=4", "ppo.batch_size=6")
-    with pytest.raises((trainer.SetupError, ValueError), match="batch_size=6"):
-        plan.plan_ppo(run, jax.devices()[:4], topology)
+    with pytest.raises((run_setup.SetupError, ValueError), match="batch_size=6"):
+        plan.plan_run(run, jax.devices()[:4], topology)
 
 
 def test_cli_errors(tiny_models, capsys):
@@ -238,10 +240,10 @@ def test_lora_plan_saves_more_than_two_base_models(tiny_models):
     peaks = {}
     for name, extra in (("full", ()), ("lora", ("models.lora.rank=4",))):
         run, _ = _run_config(tiny_models, "mesh.data=1", "mesh.fsdp=4", *extra)
-        result = plan.plan_ppo(run, jax.devices()[:4], topology, log=lambda _: None)
+        result = plan.plan_run(run, jax.devices()[:4], topology, log=lambda _: None)
         peaks[name] = {p.name: p.peak for p in result.programs}
         assert result.lora == (name == "lora")
-    pm, pc, _ = plan.ppo_shapes(run)
+    pm, _ = trainer.resolve_models(run)
     assert pm.value_shares_reward_base and pm.policy.lora.rank == 4
     base = plan.per_chip_bytes(
         plan._with_shardings(
@@ -252,13 +254,14 @@ def test_lora_plan_saves_more_than_two_base_models(tiny_models):
             ),
         )
     )
-    for program in ("finish", "ppo_iteration (one jit)"):
+    for program in ("finish", "iteration (one jit)"):
         assert peaks["full"][program] - peaks["lora"][program] > 2 * base, (program, peaks, base)
 
 
 def test_critic_free_plan_compiles_the_grpo_trainers_programs(tiny_models, capsys):
-    """`rlhf-jax plan --algorithm grpo`: the critic-free trainer's rollout and update (a reward
-    function) or its one-jit iteration (a reward model), compiled for 4 CPU devices."""
+    """`rlhf-jax plan --algorithm grpo`: the trainer's rollout and update (a reward function);
+    with a reward model also its score phase and the one-jit iteration; compiled for 4 CPU
+    devices."""
     text = (
         f"run_dir: {tiny_models / 'run'}\nmodels:\n  policy: {tiny_models / 'policy'}\n"
         "  reward_function: rlhf_jax.reward_functions:length_reward\n  dtype: bfloat16\n"
@@ -270,13 +273,13 @@ def test_critic_free_plan_compiles_the_grpo_trainers_programs(tiny_models, capsy
     path.write_text(text)
     run = config.load_config(config.algorithms()["grpo"].config_class(), path)
     topology = plan.gpu_topology(4, "h100")
-    result = plan.plan_critic_free(run, jax.devices()[:4], topology, log=lambda _: None)
+    result = plan.plan_run(run, jax.devices()[:4], topology, log=lambda _: None)
     assert [p.name for p in result.programs] == ["rollout", "finish"]
     assert all(p.arguments > 0 and p.peak > 0 for p in result.programs)
     assert result.programs[1].aliased > 0 and result.fits  # the donated state
     flops = result.flops
     assert flops["reference"] > 0 and flops["update"] == 3.0 * flops["reference"]
-    lora = plan.plan_critic_free(
+    lora = plan.plan_run(
         config.load_config(type(run), path, ["models.lora.rank=4"]),
         jax.devices()[:4],
         topology,
@@ -290,8 +293,10 @@ def test_critic_free_plan_compiles_the_grpo_trainers_programs(tiny_models, capsy
         path,
         ["models.reward_function=null", f"models.reward={tiny_models / 'rm'}"],
     )
-    one = plan.plan_critic_free(with_rm, jax.devices()[:4], topology, log=lambda _: None)
-    assert [p.name for p in one.programs] == ["iteration (one jit)"] and one.flops["reward"] > 0
+    one = plan.plan_run(with_rm, jax.devices()[:4], topology, log=lambda _: None)
+    # Every algorithm now compiles the phased programs too (a score phase with a reward model).
+    assert [p.name for p in one.programs] == ["rollout", "score", "finish", "iteration (one jit)"]
+    assert one.flops["reward"] > 0
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "plan").glob("*.yaml")), ids=str)
@@ -302,10 +307,11 @@ def test_shipped_plan_configs_resolve(path, monkeypatch):
     algorithm = "grpo" if path.name.startswith("grpo") else "ppo"
     run = config.load_config(config.algorithms()[algorithm].config_class(), path)
     if algorithm == "ppo":
-        pm, pc, prompt_len = plan.ppo_shapes(run)
+        pm, _ = trainer.resolve_models(run)
+        pc, prompt_len = run.algorithm(), run.data.max_prompt_length
         assert (
             pm.policy.num_layers >= 16
-            and sum(plan.ppo_iteration_flops(pc, pm, prompt_len).values()) > 0
+            and sum(plan.iteration_flops(pc, pm, prompt_len).values()) > 0
         )
     else:
         assert run.algorithm().batch_size == 512

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import models, ppo, sampling
+import rlhf_jax as rj
+from rlhf_jax import models, sampling
 from rlhf_jax import sharding as sh
 from rlhf_jax.sampling import SamplingConfig
 
@@ -61,10 +62,10 @@ def reference():
     reward = multihost_worker.ppo_scale_reward(models.init_params(REWARD, jax.random.key(1)))
     logits = models.jit_forward(POLICY)(policy, PROMPTS, PROMPT_MASK)
     gen = sampling.jit_generate(POLICY, GREEDY)(policy, PROMPTS, PROMPT_MASK, jax.random.key(3))
-    state0 = ppo.jit_init_state(CONFIG, PPO_MODELS)(policy, reward)
+    state0 = rj.jit_init_state(CONFIG, PPO_MODELS)(policy, reward)
     state0_host = host(state0)
-    iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS)
-    frozen = ppo.FrozenParams(ref=policy, reward=reward)
+    iteration = rj.jit_iteration(CONFIG, PPO_MODELS)
+    frozen = rj.FrozenParams(ref=policy, reward=reward)
     key = multihost_worker.ppo_iteration_key(0)
     state, metrics = iteration(state0, frozen, PROMPTS, PROMPT_MASK, key)
     return {
@@ -84,23 +85,25 @@ def mesh_run(name):
 
     On 2x2x2 the params are born sharded and the state comes from `jit_init_state`
     (`multihost_worker.ppo_setup`, as in the 2-process run); elsewhere the reference's host
-    values are placed with `device_put`.
+    values are placed with `device_put`. The forward and the sampler take batch-sharded prompts;
+    the iteration takes them replicated (`rl_shardings`: the rows are split after the rollout).
     """
     ref = reference()
     mesh = sh.make_mesh(MESHES[name])
-    shardings = ppo.ppo_shardings(CONFIG, PPO_MODELS, mesh)
+    shardings = rj.rl_shardings(CONFIG, PPO_MODELS, mesh)
     if name == "2x2x2":
         setup = multihost_worker.ppo_setup(mesh)
         state0, frozen = setup["state"], setup["frozen"]
     else:
-        frozen = jax.device_put(ppo.FrozenParams(ref["policy"], ref["reward"]), shardings.frozen)
+        frozen = jax.device_put(rj.FrozenParams(ref["policy"], ref["reward"]), shardings.frozen)
         state0 = jax.device_put(ref["state0"], shardings.state)
     born = {"policy": host(frozen.ref), "reward": host(frozen.reward), "state0": host(state0)}
     prompts, mask = sh.place_batch((PROMPTS, PROMPT_MASK), mesh)
     logits = models.jit_forward(POLICY, mesh)(frozen.ref, prompts, mask)
     gen = sampling.jit_generate(POLICY, GREEDY, mesh)(frozen.ref, prompts, mask, jax.random.key(3))
-    iteration = ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, mesh)
-    state, metrics = iteration(state0, frozen, prompts, mask, multihost_worker.ppo_iteration_key(0))
+    iteration = rj.jit_iteration(CONFIG, PPO_MODELS, mesh)
+    replicated = sh.place_replicated((PROMPTS, PROMPT_MASK), mesh)
+    state, metrics = iteration(state0, frozen, *replicated, multihost_worker.ppo_iteration_key(0))
     return {
         "mesh": mesh,
         "shardings": shardings,
@@ -112,6 +115,7 @@ def mesh_run(name):
         "iteration": iteration,
         "frozen": frozen,
         "batch": (prompts, mask),
+        "replicated": replicated,
     }
 
 
@@ -123,7 +127,7 @@ def two_iterations_on_2x2x2():
     iteration = run["iteration"]
     state = jax.tree.map(lambda x: x.copy(), run["state"])  # keep the cached result intact
     key = multihost_worker.ppo_iteration_key(1)
-    state, metrics = iteration(state, run["frozen"], *run["batch"], key)
+    state, metrics = iteration(state, run["frozen"], *run["replicated"], key)
     assert multihost_worker.PPO_ITERATIONS == 2
     out = {f"0/{k}": np.asarray(v) for k, v in run["metrics"].items()}
     out |= {f"1/{k}": np.asarray(v) for k, v in metrics.items()}
@@ -190,7 +194,7 @@ def test_params_and_optimizer_states_are_sharded_by_the_rules(name):
     assert actual_specs(state.policy_params) == policy_specs
     assert actual_specs(state.value_params) == value_specs
     for opt_state, specs in (
-        (state.policy_opt_state, policy_specs),
+        (state.opt_state, policy_specs),
         (state.value_opt_state, value_specs),
     ):
         _clip, (adam, *_) = opt_state  # chain(clip_by_global_norm, adamw)
@@ -261,29 +265,29 @@ def test_ppo_iteration_matches_single_device(name):
 
 @pytest.mark.slow  # one more compiled PPO iteration per layout
 def test_shared_value_head_iteration_matches_single_device():
-    """PPO with the value head on the policy trunk (`PPOModels(value=None)`) on 2x2x2 equals the
+    """PPO with the value head on the policy trunk (`RLModels(value=None)`) on 2x2x2 equals the
     single-device iteration; the head and its AdamW moments keep the documented shardings."""
     ref = reference()
-    shared = ppo.PPOModels(policy=POLICY, value=None, reward=REWARD)
+    shared = rj.RLModels(policy=POLICY, value=None, reward=REWARD)
     head = {
         "score": {"kernel": 0.1 * jax.random.normal(jax.random.key(5), (POLICY.hidden_size, 1))}
     }
-    frozen = ppo.FrozenParams(ref=ref["policy"], reward=ref["reward"])
+    frozen = rj.FrozenParams(ref=ref["policy"], reward=ref["reward"])
     key = multihost_worker.ppo_iteration_key(0)
-    state0 = ppo.jit_init_state(CONFIG, shared)(ref["policy"], head)
-    want_state, want_metrics = ppo.jit_ppo_iteration(CONFIG, shared)(
+    state0 = rj.jit_init_state(CONFIG, shared)(ref["policy"], head)
+    want_state, want_metrics = rj.jit_iteration(CONFIG, shared)(
         state0, frozen, PROMPTS, PROMPT_MASK, key
     )
     mesh = sh.make_mesh(MESHES["2x2x2"])
-    shardings = ppo.ppo_shardings(CONFIG, shared, mesh)
-    state0 = ppo.jit_init_state(CONFIG, shared, mesh)(
+    shardings = rj.rl_shardings(CONFIG, shared, mesh)
+    state0 = rj.jit_init_state(CONFIG, shared, mesh)(
         jax.device_put(ref["policy"], shardings.state.policy_params),
         jax.device_put(head, shardings.state.value_params),
     )
-    state, metrics = ppo.jit_ppo_iteration(CONFIG, shared, mesh)(
+    state, metrics = rj.jit_iteration(CONFIG, shared, mesh)(
         state0,
         jax.device_put(frozen, shardings.frozen),
-        *sh.place_batch((PROMPTS, PROMPT_MASK), mesh),
+        *sh.place_replicated((PROMPTS, PROMPT_MASK), mesh),
         key,
     )
     assert_f32_close(host(metrics), host(want_metrics), ulps=GRADIENT, floor=1.0, per_leaf=True)
@@ -302,8 +306,6 @@ def test_grpo_iteration_matches_single_device(name):
     """A critic-free iteration (GRPO with a reward model and a KL term) on a mesh equals the
     single-device one. 4 prompts x 4 completions on 8 devices: the prompts are replicated and
     the 16 rows split after the group expansion, so num_prompts need not divide the mesh."""
-    from rlhf_jax import critic_free as cf
-
     problem = multihost_worker.grpo_problem()
     config, cf_models = problem["config"], problem["cf_models"]
     ref = reference()
@@ -311,19 +313,19 @@ def test_grpo_iteration_matches_single_device(name):
     key = jax.random.key(5)
 
     def run(mesh):
-        frozen = cf.CriticFreeFrozen(ref=ref["policy"], reward=ref["reward"])
-        state = cf.init_state(ref["policy"], config)
+        frozen = rj.FrozenParams(ref=ref["policy"], reward=ref["reward"])
+        state = rj.init_state(ref["policy"], config)
         if mesh is not None:
-            s = cf.critic_free_shardings(config, cf_models, mesh)
+            s = rj.rl_shardings(config, cf_models, mesh)
             frozen, state = jax.device_put((frozen, state), (s.frozen, s.state))
-        step = cf.jit_iteration(config, cf_models, mesh)
+        step = rj.jit_iteration(config, cf_models, mesh)
         return step(state, frozen, prompts, mask, key)
 
     want_state, want_metrics = run(None)
     mesh = sh.make_mesh(MESHES[name])
     got_state, got_metrics = run(mesh)
     # The state keeps the documented shardings (params and moments by the rules).
-    want_sh = cf.critic_free_shardings(config, cf_models, mesh).state
+    want_sh = rj.rl_shardings(config, cf_models, mesh).state
     got_sh = jax.tree.map(lambda x: x.sharding, got_state)
     assert jax.tree.leaves(got_sh) == jax.tree.leaves(want_sh)
     if name == "2x2x2":
@@ -347,7 +349,7 @@ def test_advantage_whitening_is_over_the_global_batch():
     b, t = 16, 6
     lengths = rng.integers(0, t, size=b).astype(np.int32)
     mask = np.arange(t)[None] <= lengths[:, None]
-    gen = ppo.Generation(
+    gen = rj.Generation(
         tokens=rng.integers(3, 60, size=(b, t)).astype(np.int32),
         logprobs=np.where(mask, -rng.random((b, t)), 1.0).astype(np.float32),
         mask=mask,
@@ -356,7 +358,7 @@ def test_advantage_whitening_is_over_the_global_batch():
     )
     # Rows differ in scale by shard, so per-shard whitening would give a different answer.
     row_scale = np.repeat(np.arange(1, 9, dtype=np.float32), 2)[:, None]
-    roll = ppo.Rollout(
+    roll = rj.Rollout(
         prompts=np.zeros((b, 3), np.int32),
         prompt_mask=np.ones((b, 3), bool),
         generation=gen,
@@ -367,7 +369,7 @@ def test_advantage_whitening_is_over_the_global_batch():
         values=np.where(mask, row_scale * rng.standard_normal((b, t)), 0.0).astype(np.float32),
     )
     scores = (row_scale[:, 0] * rng.standard_normal(b)).astype(np.float32)
-    build = functools.partial(ppo.build_experience, config=CONFIG)
+    build = functools.partial(rj.build_experience, config=CONFIG)
     want, _ = jax.jit(build)(roll, scores, jnp.float32(0.05))
     mesh = sh.make_mesh(MESHES["8x1x1"])
     placed = sh.place_batch((roll, scores), mesh)
@@ -384,7 +386,7 @@ def test_advantage_whitening_is_over_the_global_batch():
 
 def test_jit_ppo_iteration_rejects_rules_without_mesh():
     with pytest.raises(ValueError, match="without a mesh"):
-        ppo.jit_ppo_iteration(CONFIG, PPO_MODELS, rules=sh.DEFAULT_RULES)
+        rj.jit_iteration(CONFIG, PPO_MODELS, rules=sh.DEFAULT_RULES)
 
 
 def test_local_batch_slice():
@@ -460,8 +462,9 @@ def ppo_workers(request, tmp_path_factory):
 
 
 def test_two_processes_match_one_process(ppo_workers):
-    """2 processes x 4 CPU devices (gloo) on a 2x2x2 mesh, each feeding its half of the
-    prompts, run 2 PPO iterations; metrics and final state equal this process's 2x2x2 run
+    """2 processes x 4 CPU devices (gloo) on a 2x2x2 mesh, each feeding the whole (replicated)
+    prompt batch (the rows are split over the mesh inside the iteration; `local_rows` are the
+    rows this process's devices hold), run 2 PPO iterations; metrics and final state equal this process's 2x2x2 run
     (whose first iteration equals the single-device reference, tested above)."""
     try:
         expected, _, _ = two_iterations_on_2x2x2()
@@ -471,7 +474,7 @@ def test_two_processes_match_one_process(ppo_workers):
     got = results[0]
     assert int(got["process_count"]) == 2 and int(got["global_devices"]) == 8
     assert list(got["local_rows"]) == [0, CONFIG.batch_size // 2]
-    assert str(got["prompts_spec"]) == str(P(("data", "fsdp"), None))
+    assert str(got["prompts_spec"]) == str(P())  # replicated: one convention for every algorithm
     assert str(got["q_spec"]) == str(P(None, "fsdp", "tensor"))
     assert len(expected) == multihost_worker.PPO_ITERATIONS * len(reference()["metrics"]) + 3
     for key, want in expected.items():

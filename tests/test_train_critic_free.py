@@ -85,35 +85,45 @@ def test_metrics_are_fetched_once_after_the_next_iteration_is_dispatched(
     tiny, grpo_straight, monkeypatch
 ):
     """An iteration's metrics are fetched in one transfer (`fetch_metrics`), after the next
-    iteration has been dispatched, except at a checkpoint (every 2 here): the next iteration
-    donates the state, so the metrics are checked and the state saved first. Every iteration is
-    logged with exactly the fetched values, those of the straight run."""
-    from rlhf_jax import critic_free, train_critic_free
+    iteration's rollout has been dispatched (the one training loop of every algorithm; the
+    checkpoint every 2 iterations is written when its iteration is logged, before the next
+    update donates the state). Every iteration is logged with exactly the fetched values, those
+    of the straight run."""
+    from rlhf_jax import trainer
 
     root, paths, prompts = tiny
     events, fetched = [], []
-    make_host_iteration = critic_free.make_host_iteration
-    fetch_metrics = train_critic_free.fetch_metrics
+    programs = trainer.iteration_programs
+    fetch_metrics = trainer.fetch_metrics
 
-    def counting_iteration(*args, **kwargs):
-        step = make_host_iteration(*args, **kwargs)
+    def counting_programs(*args):
+        real = programs(*args)
 
-        def counted(*a, **k):
-            events.append("step")
-            return step(*a, **k)
+        def rollout(*a, **k):
+            events.append("rollout")
+            return real.rollout(*a, **k)
 
-        return counted
+        return real._replace(rollout=rollout)
 
     def counting_fetch(metrics):
         events.append("fetch")
         fetched.append(fetch_metrics(metrics))
         return fetched[-1]
 
-    monkeypatch.setattr(critic_free, "make_host_iteration", counting_iteration)
-    monkeypatch.setattr(train_critic_free, "fetch_metrics", counting_fetch)
+    monkeypatch.setattr(trainer, "iteration_programs", counting_programs)
+    monkeypatch.setattr(trainer, "fetch_metrics", counting_fetch)
     run_dir = root / "grpo_pipelined"
     assert cli.main(["train", "grpo", *args(run_dir, paths, prompts, "grpo", *GRPO_REWARD)]) == 0
-    assert events == ["step", "step", "fetch", "fetch"] * 2
+    assert events == [
+        "rollout",
+        "rollout",
+        "fetch",
+        "rollout",
+        "fetch",
+        "rollout",
+        "fetch",
+        "fetch",
+    ]
     records = iterations(run_dir)
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     for record, values in zip(records, fetched, strict=True):

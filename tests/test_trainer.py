@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from tokenizer_utils import save_tiny_models
 
-from rlhf_jax import checkpoint, cli, config, logging, trainer
+from rlhf_jax import checkpoint, cli, config, data, logging, trainer
 
 DATA = Path(__file__).parent / "data"
 CONFIG = DATA / "tiny_ppo.yaml"
@@ -74,7 +74,7 @@ def straight(inputs, cache_dir, tmp_path_factory):
     """Four uninterrupted iterations (the reference for the resume tests)."""
     run_dir = tmp_path_factory.mktemp("straight")
     cfg = load(inputs, run_dir, cache_dir, "stop_after=4", "logging.plot=true")
-    result = trainer.train_ppo(cfg)
+    result = trainer.train(cfg)
     return cfg, result
 
 
@@ -106,13 +106,13 @@ def test_run_writes_everything_and_resume_is_bit_identical(
 
     # 2 iterations, a crash after a third one was logged but not saved, resume, 2 more.
     split = tmp_path / "split"
-    first = trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=2"))
+    first = trainer.train(load(inputs, split, cache_dir, "stop_after=2"))
     assert (first.status, first.iteration) == ("stopped", 2)
     with (split / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"iteration": 3, "objective/scores": 123.0}) + "\n")
     with pytest.raises(trainer.SetupError, match="already has checkpoints.*--resume"):
-        trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=4"))
-    second = trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=4"), resume=True)
+        trainer.train(load(inputs, split, cache_dir, "stop_after=4"))
+    second = trainer.train(load(inputs, split, cache_dir, "stop_after=4"), resume=True)
     assert (second.status, second.iteration) == ("stopped", 4)
     assert (split / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
     for item in ("policy", "value"):
@@ -122,7 +122,7 @@ def test_run_writes_everything_and_resume_is_bit_identical(
     assert "warning" not in capsys.readouterr().err
     # Resuming a run that already reached stop_after does nothing; a changed config is reported.
     changed = load(inputs, split, cache_dir, "stop_after=4", "seed=5", "ppo.kl_coef=0.1")
-    again = trainer.train_ppo(changed, resume=True)
+    again = trainer.train(changed, resume=True)
     assert (again.status, again.iteration, again.metrics) == ("stopped", 4, {})
     assert "differs from the run's in ppo.kl_coef, seed;" in capsys.readouterr().err
 
@@ -258,7 +258,7 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
     CALLS.clear()
     monkeypatch.setenv("TINY_REWARD_NAN", "1")
     with pytest.raises(RewardFunctionError, match=r"iteration 3: .*returned nan .*must be finite"):
-        trainer.train_ppo(load(inputs, run_dir, cache_dir, *extra))
+        trainer.train(load(inputs, run_dir, cache_dir, *extra))
     assert checkpoint.Checkpointer(run_dir).all_steps() == [1, 2]
     records = logging.read_jsonl(run_dir / "metrics.jsonl")
     assert [r["iteration"] for r in records] == [1, 2]
@@ -268,14 +268,14 @@ def test_reward_function_path_nan_stops_and_resume(inputs, cache_dir, tmp_path, 
         records[0]["rewards/test_trainer:word_count_reward/mean"]
         == records[0]["objective/raw_scores"]
     )
-    tok = trainer.data.load_tokenizer(config.TokenizerConfig(), str(inputs["policy"]))
+    tok = data.load_tokenizer(config.TokenizerConfig(), str(inputs["policy"]))
     call = CALLS[0]
     assert len(call["prompts"]) == 8 and len(call["answer"]) == 8
     for prompt, ids in zip(call["prompts"], call["prompt_ids"]):
         assert tok.decode(ids) == tok.decode(tok(prompt)["input_ids"][-8:])
 
     monkeypatch.setenv("TINY_REWARD_NAN", "0")
-    result = trainer.train_ppo(load(inputs, run_dir, cache_dir, *extra), resume=True)
+    result = trainer.train(load(inputs, run_dir, cache_dir, *extra), resume=True)
     assert (result.status, result.iteration) == ("stopped", 4)
     assert [r["iteration"] for r in logging.read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3, 4]
 
@@ -308,7 +308,7 @@ def test_metrics_are_fetched_once_after_the_next_rollout_is_dispatched(
     monkeypatch.setattr(trainer, "iteration_programs", counting_programs)
     monkeypatch.setattr(trainer, "fetch_metrics", counting_fetch)
     run_dir = tmp_path / "pipelined"
-    result = trainer.train_ppo(load(inputs, run_dir, cache_dir, "stop_after=3"))
+    result = trainer.train(load(inputs, run_dir, cache_dir, "stop_after=3"))
     assert (result.status, result.iteration) == ("stopped", 3)
     assert events == ["rollout", "rollout", "fetch", "rollout", "fetch", "fetch"]
     records = logging.read_jsonl(run_dir / "metrics.jsonl")
@@ -334,7 +334,7 @@ def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir,
     """PPO-ptx through the trainer: every iteration reports a finite LM loss on the pretraining
     texts, and 1 iteration + resume + 2 gives the metrics of 3 straight (the ptx data position is
     checkpointed)."""
-    straight = trainer.train_ppo(load(inputs, tmp_path / "a", cache_dir, "stop_after=3", *PTX))
+    straight = trainer.train(load(inputs, tmp_path / "a", cache_dir, "stop_after=3", *PTX))
     assert (straight.status, straight.iteration) == ("stopped", 3)
     records = logging.read_jsonl(tmp_path / "a" / "metrics.jsonl")
     ptx = [r["loss/ptx_avg"] for r in records]
@@ -343,14 +343,14 @@ def test_ppo_ptx_run_adds_the_lm_loss_and_resumes_identically(inputs, cache_dir,
     err = capsys.readouterr().err
     assert "PPO-ptx: 11 texts" in err and "8 per iteration (3 cut to max_length)" in err
     split = tmp_path / "b"
-    trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=1", *PTX))
-    trainer.train_ppo(load(inputs, split, cache_dir, "stop_after=3", *PTX), resume=True)
+    trainer.train(load(inputs, split, cache_dir, "stop_after=1", *PTX))
+    trainer.train(load(inputs, split, cache_dir, "stop_after=3", *PTX), resume=True)
     assert (split / "metrics.jsonl").read_text() == (tmp_path / "a" / "metrics.jsonl").read_text()
     # Resuming with different pretraining data is refused.
     other = tmp_path / "other.jsonl"
     other.write_text('{"text": "the cat sat on the mat"}\n')
     with pytest.raises(trainer.SetupError, match="2? ?PPO-ptx texts but ptx_data now has 1"):
-        trainer.train_ppo(
+        trainer.train(
             load(inputs, split, cache_dir, "stop_after=4", *PTX, f"ptx_data.path={other}"),
             resume=True,
         )
@@ -366,9 +366,9 @@ def test_shared_value_head_run_resumes_and_exports_a_value_model(inputs, cache_d
 
     shared = "models.shared_value_head=true"
     a, b = tmp_path / "a", tmp_path / "b"
-    trainer.train_ppo(load(inputs, a, cache_dir, "stop_after=3", shared))
-    trainer.train_ppo(load(inputs, b, cache_dir, "stop_after=1", shared))
-    trainer.train_ppo(load(inputs, b, cache_dir, "stop_after=3", shared), resume=True)
+    trainer.train(load(inputs, a, cache_dir, "stop_after=3", shared))
+    trainer.train(load(inputs, b, cache_dir, "stop_after=1", shared))
+    trainer.train(load(inputs, b, cache_dir, "stop_after=3", shared), resume=True)
     assert (b / "metrics.jsonl").read_text() == (a / "metrics.jsonl").read_text()
     records = logging.read_jsonl(a / "metrics.jsonl")
     assert records[0]["val/values_mean"] == 0.0 and records[-1]["val/values_mean"] != 0.0
@@ -435,4 +435,4 @@ def test_setup_errors_come_before_any_compilation(inputs, cache_dir, tmp_path, m
     ]
     for extra, message in cases:
         with pytest.raises(ValueError, match=message):
-            trainer.train_ppo(load(inputs, tmp_path / "run", cache_dir, *extra))
+            trainer.train(load(inputs, tmp_path / "run", cache_dir, *extra))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +26,13 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from tolerances import GRADIENT, assert_f32_close
 
-from rlhf_jax import critic_free as cf
-from rlhf_jax import models, optim, ppo, sft
+import rlhf_jax as rj
+from rlhf_jax import models, optim, sft
 from rlhf_jax import sharding as sh
+from rlhf_jax.core.state import abstract_params
+
+# The module (`rlhf_jax.core.update` the attribute is the function `update`).
+core_update = importlib.import_module("rlhf_jax.core.update")
 
 POLICY = models.ModelConfig(
     family="llama",
@@ -43,7 +48,7 @@ POLICY = models.ModelConfig(
 )
 VALUE = dataclasses.replace(POLICY, head="score", num_labels=1)
 PROMPT, RESPONSE = 4, 4
-PPO_CONFIG = ppo.PPOConfig(
+PPO_CONFIG = rj.PPOConfig(
     batch_size=16,
     response_length=RESPONSE,
     stop_token_ids=(2,),
@@ -52,8 +57,8 @@ PPO_CONFIG = ppo.PPOConfig(
     gradient_accumulation_steps=2,
     total_iterations=10,
 )
-PPO_MODELS = ppo.PPOModels(policy=POLICY, value=VALUE, reward=VALUE)
-GRPO_CONFIG = cf.GRPOConfig(
+PPO_MODELS = rj.RLModels(policy=POLICY, value=VALUE, reward=VALUE)
+GRPO_CONFIG = rj.GRPOConfig(
     num_prompts=4,
     num_generations=4,
     response_length=RESPONSE,
@@ -62,7 +67,7 @@ GRPO_CONFIG = cf.GRPOConfig(
     gradient_accumulation_steps=2,
     beta=0.04,
 )
-CF_MODELS = cf.CriticFreeModels(policy=POLICY, reward=None)
+CF_MODELS = rj.RLModels(policy=POLICY, reward=None)
 SFT_CONFIG = sft.TrainConfig(gradient_accumulation_steps=2)
 SFT_BATCH, SFT_LENGTH = 16, 8
 
@@ -100,16 +105,17 @@ def key_struct():
 
 
 def ppo_update():
-    """`(update, args, trained params)`: `ppo.update` on the mesh and its abstract arguments."""
-    s = ppo.ppo_shardings(PPO_CONFIG, PPO_MODELS, mesh())
+    """`(update, args, trained params)`: `rj.update` (PPO) on the mesh and its abstract
+    arguments."""
+    s = rj.rl_shardings(PPO_CONFIG, PPO_MODELS, mesh())
     policy = jax.eval_shape(models.init_params, POLICY, jax.random.key(0))
-    value = ppo.abstract_value_params(PPO_MODELS)
-    state = jax.eval_shape(lambda p, v: ppo.init_state(p, v, PPO_CONFIG), policy, value)
-    frozen = ppo.FrozenParams(ref=policy, reward=value)
+    value = abstract_params(PPO_CONFIG, PPO_MODELS)[1]
+    state = jax.eval_shape(lambda p, v: rj.init_state(p, PPO_CONFIG, value_params=v), policy, value)
+    frozen = rj.FrozenParams(ref=policy, reward=value)
     prompts = jax.ShapeDtypeStruct((PPO_CONFIG.batch_size, PROMPT), jnp.int32)
     mask = jax.ShapeDtypeStruct((PPO_CONFIG.batch_size, PROMPT), jnp.bool_)
     exp, _ = jax.eval_shape(
-        functools.partial(ppo.make_experience, config=PPO_CONFIG, ppo_models=PPO_MODELS),
+        functools.partial(rj.make_experience, config=PPO_CONFIG, rl_models=PPO_MODELS),
         state,
         frozen,
         prompts,
@@ -118,7 +124,7 @@ def ppo_update():
     )
     exp = batch_sharded(exp)
     fn = sh.jit_with_rules(
-        functools.partial(ppo.update, config=PPO_CONFIG, ppo_models=PPO_MODELS),
+        functools.partial(rj.update, config=PPO_CONFIG, rl_models=PPO_MODELS),
         mesh(),
         in_shardings=(s.state, jax.tree.map(lambda x: x.sharding, exp), s.replicated),
         out_shardings=(s.state, s.replicated),
@@ -130,22 +136,22 @@ def ppo_update():
 
 def grpo_update():
     """`(update, args, trained params)`: the critic-free update (GRPO) on the mesh."""
-    s = cf.critic_free_shardings(GRPO_CONFIG, CF_MODELS, mesh())
+    s = rj.rl_shardings(GRPO_CONFIG, CF_MODELS, mesh())
     policy = jax.eval_shape(models.init_params, POLICY, jax.random.key(0))
-    state = jax.eval_shape(lambda p: cf.init_state(p, GRPO_CONFIG), policy)
-    frozen = cf.CriticFreeFrozen(ref=policy)
+    state = jax.eval_shape(lambda p: rj.init_state(p, GRPO_CONFIG), policy)
+    frozen = rj.FrozenParams(ref=policy)
     prompts = jax.ShapeDtypeStruct((GRPO_CONFIG.num_prompts, PROMPT), jnp.int32)
     mask = jax.ShapeDtypeStruct((GRPO_CONFIG.num_prompts, PROMPT), jnp.bool_)
-    kwargs = dict(config=GRPO_CONFIG, cf_models=CF_MODELS)
+    kwargs = dict(config=GRPO_CONFIG, rl_models=CF_MODELS)
 
     def experience(state, frozen, prompts, mask, key):
-        roll = cf.rollout(state, frozen, prompts, mask, key, **kwargs)
+        roll = rj.rollout(state, frozen, prompts, mask, key, **kwargs)
         scores = jnp.zeros((GRPO_CONFIG.batch_size,), jnp.float32)
-        return cf.build_experience(roll, scores, state.kl.kl_coef, config=GRPO_CONFIG)[0]
+        return rj.build_experience(roll, scores, state.kl.kl_coef, config=GRPO_CONFIG)[0]
 
     exp = batch_sharded(jax.eval_shape(experience, state, frozen, prompts, mask, jax.random.key(0)))
     fn = sh.jit_with_rules(
-        functools.partial(cf.update, **kwargs),
+        functools.partial(rj.update, **kwargs),
         mesh(),
         in_shardings=(s.state, jax.tree.map(lambda x: x.sharding, exp), s.replicated),
         out_shardings=(s.state, s.replicated),
@@ -183,14 +189,14 @@ def test_compiled_update_temporaries_stay_below_one_unsharded_gradient(name):
 def test_the_bound_catches_an_accumulator_holding_the_whole_gradient(monkeypatch):
     """The negative control: the PPO update with its accumulator constrained to be replicated
     (a full float32 gradient on every device) exceeds the bound."""
-    original = ppo.param_logical_axes
+    original = core_update.param_logical_axes
 
-    def replicated_axes(ppo_models):
+    def replicated_axes(rl_models):
         return jax.tree.map(
-            lambda _: P(), original(ppo_models), is_leaf=lambda x: x is None or isinstance(x, P)
+            lambda _: P(), original(rl_models), is_leaf=lambda x: x is None or isinstance(x, P)
         )
 
-    monkeypatch.setattr(ppo, "param_logical_axes", replicated_axes)
+    monkeypatch.setattr(core_update, "param_logical_axes", replicated_axes)
     fn, args, params = ppo_update()
     assert temp_bytes(fn, args) > gradient_bytes(params)
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax import models, ppo
+from rlhf_jax import core, models
+from rlhf_jax.algorithms import PPOConfig
 from rlhf_jax.demo import task
 from rlhf_jax.reward_model import (
     PreferenceBatch,
@@ -196,7 +197,7 @@ def run_demo(
     reward_params, norm_stats = normalize_head(rm_state.params, reward_config, ref_scores)
 
     # ------------------------------------------------------------------------------- 3. PPO
-    ppo_config = ppo.PPOConfig(
+    ppo_config = PPOConfig(
         batch_size=config.ppo_batch,
         response_length=task.RESPONSE_LEN,
         temperature=config.temperature,
@@ -208,10 +209,10 @@ def run_demo(
         value_learning_rate=config.ppo_lr,
         total_iterations=config.ppo_iterations,
     )
-    ppo_models = ppo.PPOModels(policy=policy_config, value=reward_config, reward=reward_config)
-    ppo_state = ppo.init_state(sft_params, reward_params, ppo_config)
-    frozen = ppo.FrozenParams(ref=sft_params, reward=reward_params)
-    iteration = ppo.jit_ppo_iteration(ppo_config, ppo_models)
+    rl_models = core.RLModels(policy=policy_config, value=reward_config, reward=reward_config)
+    ppo_state = core.init_state(sft_params, ppo_config, rl_models, value_params=reward_params)
+    frozen = core.FrozenParams(ref=sft_params, reward=reward_params)
+    iteration = core.jit_iteration(ppo_config, rl_models)
     eval_prompts, eval_mask, eval_subjects = task.sample_prompts(rng, config.eval_prompts)
     key, eval_key = jax.random.split(key)
 
@@ -219,9 +220,9 @@ def run_demo(
     def rate(params, tokens, mask):
         """Reward-model scores and summed KL(policy || SFT) of sampled responses."""
         args = (eval_prompts, eval_mask, tokens, mask)
-        scores = ppo.reward_scores(reward_params, reward_config, *args)
-        logp, _ = ppo.policy_logprobs(params, policy_config, *args, temperature=config.temperature)
-        ref, _ = ppo.policy_logprobs(
+        scores = core.reward_scores(reward_params, reward_config, *args)
+        logp, _ = core.policy_logprobs(params, policy_config, *args, temperature=config.temperature)
+        ref, _ = core.policy_logprobs(
             sft_params, policy_config, *args, temperature=config.temperature
         )
         return scores, jnp.sum(jnp.where(mask, logp - ref, 0.0), axis=1)
@@ -245,7 +246,7 @@ def run_demo(
         prompts, prompt_mask, _ = task.sample_prompts(rng, config.ppo_batch)
         key, step_key = jax.random.split(key)
         ppo_state, metrics = iteration(ppo_state, frozen, prompts, prompt_mask, step_key)
-        ppo.check_finite(metrics, i)
+        core.check_finite(metrics, i)
         for name in ("objective/scores", "objective/kl", "policy/entropy_avg", "loss/value_avg"):
             history.setdefault(name, []).append(float(metrics[name]))
         if (i + 1) % config.eval_every == 0 or i + 1 == config.ppo_iterations:

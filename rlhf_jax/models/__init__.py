@@ -24,6 +24,7 @@ from rlhf_jax.models.model import (
     sequence_scores,
     unstack_layers,
 )
+from rlhf_jax.models.roles import value_from_policy, value_head_init
 from rlhf_jax.models.sharded import jit_forward, param_shardings, sharded_init_params
 
 __all__ = [
@@ -48,5 +49,7 @@ __all__ = [
     "sequence_scores",
     "sharded_init_params",
     "unstack_layers",
+    "value_from_policy",
     "value_from_reward",
+    "value_head_init",
 ]
