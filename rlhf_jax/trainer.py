@@ -290,31 +290,62 @@ def _describe_data(setup: RunSetup, logger: run_logging.RunLogger, start: int) -
         )
 
 
-def _train(setup: RunSetup) -> TrainResult:
-    config, run_dir, algo = setup.config, setup.run_dir, setup.algo
-    main = sharding.is_main_process()
+class _Hooks:
+    """What the loop does around the computation, once an iteration's update is dispatched:
+    fetch, check and log its metrics, write its sample table, save its checkpoint when due or
+    on a signal (`after_iteration`), export the policy when the run finishes (`finish`)."""
+
+    def __init__(self, setup: RunSetup, logger: run_logging.RunLogger, stop, end: int) -> None:
+        self.setup, self.logger, self.stop, self.end = setup, logger, stop, end
+
+    def after_iteration(self, done: _Dispatched, state: RLState) -> tuple[dict[str, float], bool]:
+        """Returns the iteration's metrics and whether to stop (a signal, seen by every
+        process). `state` is still that iteration's: only the next update donates it."""
+        setup, config, logger = self.setup, self.setup.config, self.logger
+        metrics = fetch_metrics(done.device_metrics)
+        metrics.update(done.host_metrics)
+        check_finite(metrics, done.iteration)
+        tokens = float(metrics.get("response/length_mean", 0.0)) * setup.algo.batch_size
+        logger.log(done.iteration, metrics, timings=done.clock.timings(tokens))
+        every = config.logging.sample_every
+        if every and (done.iteration % every == 0 or done.iteration == self.end):
+            rows = _sample_rows(setup, done.rows, done.generation, done.scores)
+            logger.samples(done.iteration, rows)
+        stopping = self.stop.requested()  # once: all processes must see the same answer
+        if stopping or checkpoint_due(done.iteration, self.end, config.checkpoint.every):
+            _save(setup, state, done.key, done.positions, done.iteration)
+        if stopping:
+            logger.message(self.stop.stopped_message(done.iteration))
+        return metrics, stopping
+
+    def finish(self, state: RLState, status: str) -> None:
+        self.setup.checkpointer.wait()
+        if status == "finished":
+            _export(self.setup, state, self.logger)
+
+
+def _start(setup: RunSetup):
+    """The run directory, the mesh, the programs, the models and state, and the logger."""
+    config, run_dir = setup.config, setup.run_dir
     if config.compilation_cache:
         enable_compilation_cache(config.compilation_cache)
     changed = _changed_since_last_run(config, run_dir) if setup.resume_step is not None else []
-    if main:
+    if sharding.is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save_config(config, run_dir / "config.yaml")
         setup.tokenizer.save_pretrained(str(run_dir / ckpt.TOKENIZER_DIR))
     mesh = sharding.make_mesh(config.mesh, setup.devices)
-    programs = iteration_programs(algo, setup.rl_models, mesh)
+    programs = iteration_programs(setup.algo, setup.rl_models, mesh)
     with sharding.with_rules(mesh):
-        state, frozen, key, positions = _load(setup, programs, mesh)
-
-    start = int(state.iteration)
-    total = algo.total_iterations
-    end = min(total, config.stop_after or total)
+        loaded = _load(setup, programs, mesh)
+    start = int(loaded.state.iteration)
     logger = run_logging.RunLogger(
         run_dir,
         config.logging,
-        total_iterations=total,
+        total_iterations=setup.algo.total_iterations,
         start_iteration=start,
         run_config=cfg.to_dict(config),
-        enabled=main,
+        enabled=sharding.is_main_process(),
     )
     _describe_data(setup, logger, start)
     if changed:
@@ -323,37 +354,36 @@ def _train(setup: RunSetup) -> TrainResult:
             + ", ".join(changed)
             + "; the continuation will not match an uninterrupted run"
         )
-    # This process's rows of each batch (host scoring reads and scores only those).
-    local = slice(0, algo.batch_size)
-    if jax.process_count() > 1:
-        local = sharding.local_batch_slice(mesh, algo.batch_size)
+    return mesh, programs, loaded, logger
+
+
+def _score_and_update(setup, programs, mesh, state, frozen, roll, batch, key, iteration):
+    """Scores the rollout (reward model on device, host reward function on this process's rows,
+    or both) on the batch's length bucket and dispatches the update. Returns the new state and
+    the dispatched update's device metrics, host metrics and scores."""
+    width = setup.algo.bucket_width(to_host(roll.generation.sequence_lengths))
+    scores, host_metrics = None, {"perf/response_bucket": float(width)}
+    if setup.rl_models.reward is not None:
+        scores = programs.score(state, frozen, roll, width=width)
+    if setup.reward_terms:
+        scores, reward_metrics = _host_scores(setup, roll, batch.rows, scores, iteration, mesh)
+        host_metrics.update(reward_metrics)
+        scores = sharding.place_replicated(scores, mesh)  # every process has every score
+    state, device_metrics = programs.finish(state, roll, scores, key, batch.ptx, width=width)
+    return state, device_metrics, host_metrics, scores
+
+
+def _train(setup: RunSetup) -> TrainResult:
+    config, algo = setup.config, setup.algo
+    mesh, programs, loaded, logger = _start(setup)
+    state, frozen, key, positions = loaded
+    start = iteration = int(state.iteration)
+    end = min(algo.total_iterations, config.stop_after or algo.total_iterations)
+    status = "finished" if end == algo.total_iterations else "stopped"
     metrics: dict[str, float] = {}
-    status = "finished" if end == total else "stopped"
-    iteration = start
     try:
         with StopRequest() as stop:
-
-            def finish_logging(done: _Dispatched) -> tuple[dict[str, float], bool]:
-                """Fetches, checks and logs a dispatched iteration, writes its samples and its
-                checkpoint when due or on a signal. Returns its metrics and whether to stop.
-                `state` is still that iteration's: only the next update donates it."""
-                metrics = fetch_metrics(done.device_metrics)
-                metrics.update(done.host_metrics)
-                check_finite(metrics, done.iteration)
-                tokens = float(metrics.get("response/length_mean", 0.0)) * algo.batch_size
-                logger.log(done.iteration, metrics, timings=done.clock.timings(tokens))
-                every = config.logging.sample_every
-                if every and (done.iteration % every == 0 or done.iteration == end):
-                    logger.samples(
-                        done.iteration, _sample_rows(setup, done.rows, done.generation, done.scores)
-                    )
-                stopping = stop.requested()  # once: all processes must see the same answer
-                if stopping or checkpoint_due(done.iteration, end, config.checkpoint.every):
-                    _save(setup, state, done.key, done.positions, done.iteration)
-                if stopping:
-                    logger.message(stop.stopped_message(done.iteration))
-                return metrics, stopping
-
+            hooks = _Hooks(setup, logger, stop, end)
             # An iteration is logged (and saved) after the next iteration's rollout has been
             # dispatched, so the device generates while the host fetches the metrics, writes
             # samples and checkpoints and prepares the batch. The rollout does not donate the
@@ -369,58 +399,36 @@ def _train(setup: RunSetup) -> TrainResult:
                 rollout_key, update_key = jax.random.split(iteration_key)
                 roll = programs.rollout(state, frozen, batch.prompts, batch.mask, rollout_key)
                 if pending is not None:
-                    metrics, stopping = finish_logging(pending)
+                    metrics, stopping = hooks.after_iteration(pending, state)
                     pending = None
                     if stopping:
                         status = "interrupted"
                         break
-                width = algo.bucket_width(to_host(roll.generation.sequence_lengths))
-                scores, reward_metrics = None, {}
-                if setup.rl_models.reward is not None:
-                    scores = programs.score(state, frozen, roll, width=width)
-                if setup.reward_terms:
-                    scores, reward_metrics = _host_scores(
-                        setup, roll, batch.rows, local, scores, iteration + 1
-                    )
-                    scores = sharding.place_replicated(scores, mesh)  # every process's
-                state, device_metrics = programs.finish(
-                    state, roll, scores, update_key, batch.ptx, width=width
+                state, device_metrics, host_metrics, scores = _score_and_update(
+                    setup, programs, mesh, state, frozen, roll, batch, update_key, iteration + 1
                 )
                 iteration += 1
                 if iteration == start + 1:  # the programs are compiled now
                     release_host_memory()
                 positions = batch.positions
                 pending = _Dispatched(
-                    iteration=iteration,
-                    device_metrics=device_metrics,
-                    host_metrics={"perf/response_bucket": float(width), **reward_metrics},
-                    clock=clock,
-                    rows=batch.rows,
-                    generation=roll.generation,
-                    scores=scores,
-                    key=key,
-                    positions=positions,
-                )
+                    iteration, device_metrics, host_metrics, clock, batch.rows, roll.generation,
+                    scores, key, positions,
+                )  # fmt: skip
             if pending is not None:  # the last iteration
-                metrics, stopping = finish_logging(pending)
-                if stopping:
-                    status = "interrupted"
-        setup.checkpointer.wait()
-        if status == "finished":
-            _export(setup, state, logger)
+                metrics, stopping = hooks.after_iteration(pending, state)
+                status = "interrupted" if stopping else status
+            hooks.finish(state, status)
     finally:
         setup.checkpointer.wait()
         logger.close()
-    if main and config.logging.plot and (run_dir / run_logging.METRICS_FILE).exists():
-        run_logging.plot_run(run_dir)
+    run_dir = setup.run_dir
+    if sharding.is_main_process() and config.logging.plot:
+        if (run_dir / run_logging.METRICS_FILE).exists():
+            run_logging.plot_run(run_dir)
     latest = setup.checkpointer.latest_step()
-    return TrainResult(
-        run_dir=run_dir,
-        iteration=iteration,
-        status=status,
-        metrics=metrics,
-        checkpoint=None if latest is None else setup.checkpointer.directory / str(latest),
-    )
+    checkpoint = None if latest is None else setup.checkpointer.directory / str(latest)
+    return TrainResult(run_dir, iteration, status, metrics, checkpoint)
 
 
 _RESUME_FREE = ("run_dir", "stop_after", "compilation_cache", "logging.", "checkpoint.")
@@ -440,13 +448,16 @@ def _changed_since_last_run(config: cfg.RLRunConfig, run_dir: Path) -> list[str]
 
 
 def _host_scores(
-    setup: RunSetup, roll, rows: np.ndarray, local: slice, model_scores, iteration: int
+    setup: RunSetup, roll, rows: np.ndarray, model_scores, iteration: int, mesh
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """The reward function on this process's rows (`local` of the global batch; their tokens,
+    """The reward function on this process's rows (of the global batch; their tokens,
     masks and reward-model scores read from its own shards; `score_rows` gathers every
     process's): float32 `[B]` scores (plus the reward model's where there is one) and the
     reward function's metrics. Completion `i` answers prompt `rows[i // group_size]`."""
     k = setup.algo.group_size
+    local = slice(0, setup.algo.batch_size)
+    if jax.process_count() > 1:
+        local = sharding.local_batch_slice(mesh, setup.algo.batch_size)
 
     def score() -> tuple[np.ndarray, dict[str, float]]:
         gen = roll.generation

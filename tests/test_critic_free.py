@@ -579,3 +579,46 @@ def test_length_bucketed_update_equals_the_full_width_update():
     assert_f32_close(cut[0], full[0], ulps=GRADIENT)
     moved = full[0].policy_params["lm_head"]["kernel"] - policy["lm_head"]["kernel"]
     assert float(jnp.abs(moved).max()) > 1e-4
+
+
+def test_ptx_loss_and_a_caller_optimizer_reach_every_algorithm():
+    """The one core gives the critic-free algorithms what PPO has: the PPO-ptx language-modelling
+    term (`ptx_coef`, its value equal to `core.ptx_loss` on the pretraining batch, added to the
+    policy loss) and a caller-supplied optax optimiser (`Optimizers`: with `set_to_zero` an
+    iteration leaves the policy exactly as it was, while the config's AdamW moves it)."""
+    import optax
+
+    config = dataclasses.replace(GRPO, ptx_coef=0.5, num_iterations=1)
+    policy = models.init_params(TINY, jax.random.key(0))
+    rl_models = rj.RLModels(policy=TINY)
+    prompts, mask = tiny_prompts()
+    frozen = rj.FrozenParams(ref=policy)
+    state = rj.init_state(policy, config, rl_models)
+    roll = jax.jit(functools.partial(rj.rollout, config=config, rl_models=rl_models))(
+        state, frozen, prompts, mask, jax.random.key(0)
+    )
+    scores = jnp.linspace(0.0, 1.0, config.batch_size)
+    exp, _ = rj.build_experience(roll, scores, state.kl.kl_coef, config=config)
+    rows = jnp.asarray(np.repeat(prompts, 4, axis=0)[: config.batch_size])
+    ptx = rj.PtxBatch(tokens=rows, mask=jnp.ones(rows.shape, bool))
+    loss = jax.jit(functools.partial(core.loss, config=config, rl_models=rl_models))
+    without, _ = loss(state.policy_params, None, exp, None, 1.0, None)
+    with_ptx, aux = loss(state.policy_params, None, exp, ptx, 1.0, None)
+    want = float(jax.jit(core.ptx_loss, static_argnums=1)(state.policy_params, TINY, ptx))
+    assert_f32_close(aux["loss/ptx_avg"], want, ulps=MODEL)
+    assert_f32_close(with_ptx, without + 0.5 * want, ulps=MODEL, floor=abs(want))
+
+    frozen_opt = core.Optimizers(optax.set_to_zero())
+    for optimizers, moves in ((frozen_opt, False), (None, True)):
+        start = rj.init_state(policy, config, rl_models, optimizers=optimizers)
+        finish = jax.jit(
+            functools.partial(
+                core.finish_iteration, config=config, rl_models=rl_models, optimizers=optimizers
+            )
+        )
+        end, metrics = finish(start, roll, scores, jax.random.key(1), ptx=ptx)
+        assert "loss/ptx_avg" in metrics
+        changed = jax.tree.leaves(
+            jax.tree.map(lambda a, b: bool(jnp.any(a != b)), end.policy_params, policy)
+        )
+        assert any(changed) == moves
