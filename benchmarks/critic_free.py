@@ -17,7 +17,7 @@ forward). Iterations are timed interleaved (ppo, rloo, grpo, ..., ppo, ...) so m
 them alike; figures are medians.
 
 The critic-free rollout prefills each distinct prompt once and repeats its KV cache to the prompt's
-`--group-size` completions (`CriticFreeConfig.shared_prefill`). `--repeat-prefill` adds, for each
+`--group-size` completions (`RLConfig.shared_prefill`). `--repeat-prefill` adds, for each
 critic-free algorithm, a variant "<algo>/repeat-prefill" that prefills the `batch` repeated prompts
 instead (the path before; the same samples), timed in the same interleaved rounds, and prints the
 ratio. `--rollout-only` times the rollouts alone (sampling and the forwards each algorithm runs on

@@ -95,7 +95,7 @@ def hf_config(args: argparse.Namespace) -> Any:
 
 def build_models(args: argparse.Namespace) -> tuple[Any, Any, models.ModelConfig]:
     """(torch model or None, our params, our config), with identical weights when torch is on."""
-    from rlhf_jax.models.hf import config_from_hf, hf_to_params
+    from rlhf_jax.models import config_from_hf, hf_to_params
 
     if args.no_torch:  # the same config, from transformers' config class, without its model
         config = dataclasses.replace(config_from_hf(hf_config(args)), dtype=args.dtype)

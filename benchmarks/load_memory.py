@@ -50,7 +50,7 @@ import common  # noqa: E402
 
 from rlhf_jax import models  # noqa: E402
 from rlhf_jax import sharding as sh  # noqa: E402
-from rlhf_jax.models import hf  # noqa: E402
+from rlhf_jax.models import weights  # noqa: E402
 
 VARIANTS = [
     ("eager", "fsdp8"),
@@ -103,7 +103,7 @@ def write_checkpoint(config: models.ModelConfig, path: Path, seed: int = 0) -> i
             value = rng.standard_normal(shape, np.float32) * np.float32(scale)
             f.write(value.astype(ml_dtypes.bfloat16).tobytes())
     tmp.rename(path / "model.safetensors")
-    hf.config_to_hf(config).save_pretrained(path)
+    models.config_to_hf(config).save_pretrained(path)
     return (path / "model.safetensors").stat().st_size
 
 
@@ -112,22 +112,22 @@ def write_checkpoint(config: models.ModelConfig, path: Path, seed: int = 0) -> i
 
 def eager_hf_to_params(tensors: dict[str, np.ndarray], config: models.ModelConfig) -> Any:
     """`hf_to_params` as it was: every layer converted, `np.stack`ed, then cast."""
-    shapes = hf._param_shapes(config)
-    specs = hf._expected_specs(config, shapes)
-    expected = {name for spec in specs for name in hf._layer_names(spec, config)}
+    shapes = models.param_shapes(config)
+    specs = weights.expected_specs(config, shapes)
+    expected = {name for spec in specs for name in weights.layer_names(spec, config)}
     by_name = {}
     for name, value in tensors.items():
-        canonical = hf._canonical_name(name, config, expected)
+        canonical = weights.canonical_name(name, config, expected)
         if canonical is not None:
             by_name[canonical] = value
     params: dict[str, Any] = {}
     for spec in specs:
         per_layer = "{i}" in spec.hf
-        layers = [spec.to_params(np.asarray(by_name[n])) for n in hf._layer_names(spec, config)]
+        layers = [spec.to_params(np.asarray(by_name[n])) for n in weights.layer_names(spec, config)]
         for j, path in enumerate(spec.paths):
             parts = [leaves[j] for leaves in layers]
             value = np.stack(parts) if per_layer else parts[0]
-            hf._set(params, path, np.asarray(value, dtype=config.params_dtype))
+            weights.set_path(params, path, np.asarray(value, dtype=config.params_dtype))
     return params
 
 
@@ -162,7 +162,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     path = Path(args.checkpoint)
     mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=8, tensor=1)) if args.target == "fsdp8" else None
-    config = hf.config_from_hf(transformers.AutoConfig.from_pretrained(path))
+    config = models.config_from_hf(transformers.AutoConfig.from_pretrained(path))
     config = dataclasses.replace(config, dtype=args.dtype, param_dtype=args.dtype)
     # warm up: the placement code paths on a small array
     warm = {"w": np.ones((8, 8), np.float32)}
@@ -223,7 +223,7 @@ def main() -> None:
     if not (path / "model.safetensors").exists():
         print(f"writing a random bfloat16 checkpoint to {path} ...", flush=True)
         write_checkpoint(config, path)
-    n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(hf._param_shapes(config)))
+    n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(models.param_shapes(config)))
     size_mb = (path / "model.safetensors").stat().st_size / 2**20
     print(
         f"checkpoint: {n_params / 1e6:.0f}M params, {size_mb:.0f} MiB bfloat16 safetensors; "

@@ -48,7 +48,7 @@ class ModelsConfig:
         or with a reward function, the policy's backbone with a zero-initialised score head.
       shared_value_head: no value model; a zero-initialised scalar head on the policy's trunk
         gives the values, and the value loss trains the trunk with the policy loss
-        (`ppo.PPOModels(value=None)`). Excludes `value`.
+        (`core.RLModels(value=None)`). Excludes `value`.
       dtype: compute dtype ("float32" | "bfloat16" | "float16"); matmuls run in it, norms,
         softmaxes, the LM/score heads' outputs and the losses stay float32.
       param_dtype: dtype of the trained parameters (policy, value) and their AdamW moments:

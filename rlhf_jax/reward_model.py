@@ -3,7 +3,6 @@ response from "Secrets of RLHF"), pairwise accuracy, and head normalisation."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -13,6 +12,7 @@ import numpy as np
 from rlhf_jax import models
 from rlhf_jax.logprobs import logprobs_from_hidden
 from rlhf_jax.losses import bradley_terry_loss
+from rlhf_jax.models.roles import reward_init_from_policy  # noqa: F401 (re-exported)
 from rlhf_jax.ops import masked_mean
 from rlhf_jax.sampling import prompt_positions
 from rlhf_jax.sft import TrainConfig, make_train_step
@@ -79,27 +79,6 @@ def make_rm_step(model_config: models.ModelConfig, config: TrainConfig, *, beta_
         param_specs=models.logical_axes(model_config),
         lora_config=model_config.lora,
     )
-
-
-def reward_init_from_policy(
-    params: Params, config: models.ModelConfig, key: jax.Array, *, init_std: float | None = None
-) -> tuple[Params, models.ModelConfig]:
-    """A reward model initialised from a (SFT) policy, as TRL and lm-human-preferences do: the
-    trunk is copied, the LM head dropped, and a fresh `score` head (normal, std
-    `init_std` or the config's `initializer_range`) added."""
-    if config.head != "lm":
-        raise ValueError(f"reward_init_from_policy needs a causal LM, got head={config.head!r}")
-    reward_config = dataclasses.replace(config, head="score", num_labels=1)
-    std = config.initializer_range if init_std is None else init_std
-    trunk = {
-        k: jnp.copy(v) if not isinstance(v, dict) else jax.tree.map(jnp.copy, v)
-        for k, v in params.items()
-        if k != "lm_head"
-    }
-    kernel = std * jax.random.normal(
-        key, (config.hidden_size, 1), trunk["embed"]["embedding"].dtype
-    )
-    return {**trunk, "score": {"kernel": kernel}}, reward_config
 
 
 def normalize_head(

@@ -365,22 +365,22 @@ def task_load(args: argparse.Namespace) -> dict[str, np.ndarray]:
 
     from rlhf_jax import models
     from rlhf_jax import sharding as sh
-    from rlhf_jax.models import hf
+    from rlhf_jax.models.io import StoredTensor
 
     path = args.out.parent / LOAD_CHECKPOINT
     reads = []
-    read = hf.StoredTensor.__array__
+    read = StoredTensor.__array__
 
     def recording(self: Any, *a: Any, **k: Any) -> np.ndarray:
         reads.append(self.name)
         return read(self, *a, **k)
 
-    hf.StoredTensor.__array__ = recording
+    StoredTensor.__array__ = recording
     mesh = sh.make_mesh(sh.MeshConfig(data=1, fsdp=-1, tensor=1))
     rules = sh.make_rules({"layers": "fsdp", "embed": None})
     params, config = models.load(path, mesh=mesh, rules=rules)
-    hf.StoredTensor.__array__ = read
-    want = hf.hf_to_params(hf.read_weights(path), config)
+    StoredTensor.__array__ = read
+    want = models.hf_to_params(models.read_weights(path), config)
     equal = all(
         np.array_equal(np.asarray(shard.data), w[shard.index])
         for x, w in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True)

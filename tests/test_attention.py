@@ -32,7 +32,6 @@ from tolerances import GRADIENT, MODEL, assert_f32_close
 from rlhf_jax import models
 from rlhf_jax import sharding as sh
 from rlhf_jax.models import attention
-from rlhf_jax.models.model import _attend
 
 CONFIG = models.ModelConfig(
     family="llama",
@@ -144,13 +143,13 @@ def check_flash_kernel_under_shard_map_on_a_mesh():
 
 def test_cudnn_wrapper_equals_xla_attention():
     """`jax.nn.dot_product_attention` as the cuDNN path calls it (causal, key mask, grouped kv
-    heads, scale), on its XLA implementation, equals `_attend` on the real queries."""
+    heads, scale), on its XLA implementation, equals `attention.attend` on the real queries."""
     keys = jax.random.split(jax.random.key(2), 3)
     q = jax.random.normal(keys[0], (B, T, 4, 8))
     k, v = (jax.random.normal(key, (B, T, 2, 8)) for key in keys[1:])
     _, _, mask = batch()
     allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
-    want = _attend(q, k, v, allowed, 8**-0.5)
+    want = attention.attend(q, k, v, allowed, 8**-0.5)
     got = attention.fused_attention("cudnn-xla", q, k, v, mask, 8**-0.5)
     m = mask[..., None, None]
     assert_f32_close(jnp.where(m, got, 0), jnp.where(m, want, 0), ulps=MODEL)

@@ -19,8 +19,18 @@ from tolerances import MODEL, assert_f32_close, tolerance
 
 import rlhf_jax as rj
 from rlhf_jax import models
-from rlhf_jax.models import ModelConfig, forward, init_cache, lm_logits, load, save
-from rlhf_jax.models.hf import config_from_hf, config_to_hf, hf_to_params, params_to_hf
+from rlhf_jax.models import (
+    ModelConfig,
+    config_from_hf,
+    config_to_hf,
+    forward,
+    hf_to_params,
+    init_cache,
+    lm_logits,
+    load,
+    params_to_hf,
+    save,
+)
 from rlhf_jax.sampling import SamplingConfig, generate
 
 WINDOW = 4  # shorter than every sequence below, so every test runs past it

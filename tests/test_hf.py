@@ -17,17 +17,19 @@ from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import models
 from rlhf_jax import sharding as sh
-from rlhf_jax.models import hf
-from rlhf_jax.models.hf import (
+from rlhf_jax.models import (
     config_from_hf,
     config_to_hf,
     hf_to_params,
+    index_weights,
     load,
     params_to_hf,
     read_weights,
     save,
     value_from_reward,
 )
+from rlhf_jax.models.io import StoredTensor
+from rlhf_jax.models.weights import LazyLeaf
 
 # name -> (HF family, overrides): one per family plus the flags that change the export format.
 VARIANTS = {
@@ -355,13 +357,13 @@ def test_lazy_load_reads_only_the_layers_each_device_holds(tmp_path, monkeypatch
     tensor is read exactly once (non-layer tensors once for all devices that replicate them)."""
     save_tiny_llama(tmp_path, num_hidden_layers=8)
     reads = []
-    read = hf.StoredTensor.__array__
+    read = StoredTensor.__array__
 
     def recording(self, *args, **kwargs):
         reads.append(self.name)
         return read(self, *args, **kwargs)
 
-    monkeypatch.setattr(hf.StoredTensor, "__array__", recording)
+    monkeypatch.setattr(StoredTensor, "__array__", recording)
     rules = sh.make_rules({"layers": "fsdp", "embed": None})
     params, config = load(tmp_path, mesh=sh.make_mesh(FSDP8), rules=rules)
     assert params["layers"]["mlp"]["up"]["kernel"].sharding.spec[0] == "fsdp"
@@ -372,10 +374,10 @@ def test_lazy_load_reads_only_the_layers_each_device_holds(tmp_path, monkeypatch
 def test_lazy_leaf_indexing(tmp_path):
     save_tiny_llama(tmp_path, stored="bfloat16")
     config = config_from_hf(transformers.AutoConfig.from_pretrained(tmp_path))
-    lazy = hf_to_params(hf.index_weights(tmp_path), config, lazy=True)
+    lazy = hf_to_params(index_weights(tmp_path), config, lazy=True)
     want = hf_to_params(library_tensors(tmp_path), config)
     kernel, embed = lazy["layers"]["attn"]["q"]["kernel"], lazy["embed"]["embedding"]
-    assert isinstance(kernel, hf.LazyLeaf) and kernel.dtype == np.float32
+    assert isinstance(kernel, LazyLeaf) and kernel.dtype == np.float32
     assert kernel.shape == want["layers"]["attn"]["q"]["kernel"].shape and kernel.ndim == 4
     for x, w in [
         (kernel, want["layers"]["attn"]["q"]["kernel"]),
@@ -422,7 +424,7 @@ def test_lazy_load_errors_name_the_tensor_before_reading_any(
     def no_reads(self, *args, **kwargs):
         raise AssertionError(f"read {self.name} before checking names and shapes")
 
-    monkeypatch.setattr(hf.StoredTensor, "__array__", no_reads)
+    monkeypatch.setattr(StoredTensor, "__array__", no_reads)
     with pytest.raises(ValueError, match=message):
         load(tmp_path, mesh=sh.make_mesh(FSDP8))
 

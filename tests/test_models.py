@@ -18,16 +18,18 @@ from tolerances import GRADIENT, MODEL, REORDERED, assert_f32_close
 from rlhf_jax.models import (
     KVCache,
     ModelConfig,
+    config_from_hf,
     forward,
+    hf_to_params,
     init_cache,
     init_params,
     lm_logits,
     logical_axes,
+    rope,
     score,
     sequence_scores,
     unstack_layers,
 )
-from rlhf_jax.models.hf import config_from_hf, hf_to_params
 
 # name -> (HF family, config overrides); together they cover every flag of ModelConfig.
 VARIANTS = {
@@ -267,17 +269,13 @@ def test_logical_axes_match_params():
 def test_rope_tables_are_cos_and_sin_bit_for_bit():
     """The tables pass through a full-precision identity dot (so XLA:CPU materialises them once
     instead of re-evaluating cos/sin in every consumer); that must not change a bit."""
-    from rlhf_jax.models import model as model_module
-
     config = reference("llama_bias_llama3_tied")[2]  # llama3 frequency scaling
     positions = jnp.asarray(np.random.default_rng(0).integers(0, 5000, (3, 17)), jnp.int32)
-    cos, sin = jax.jit(model_module._rope_tables, static_argnums=0)(config, positions)
+    cos, sin = jax.jit(rope.cos_sin, static_argnums=0)(config, positions)
 
     @jax.jit
     def plain(positions):
-        angles = positions.astype(jnp.float32)[..., None] * model_module._inv_freq(
-            config, positions
-        )
+        angles = positions.astype(jnp.float32)[..., None] * rope.inv_freq(config, positions)
         angles = jnp.concatenate([angles, angles], axis=-1)
         return jnp.cos(angles), jnp.sin(angles)
 
@@ -285,7 +283,7 @@ def test_rope_tables_are_cos_and_sin_bit_for_bit():
     np.testing.assert_array_equal(cos, want_cos)
     np.testing.assert_array_equal(sin, want_sin)
     x = jnp.asarray([[1e-30, -3.0e38, 1.0 + 2**-23, -0.0, 7.25]], jnp.float32)
-    np.testing.assert_array_equal(model_module._materialized(x), x)
+    np.testing.assert_array_equal(rope.materialized(x), x)
 
 
 def test_init_params_bfloat16():

@@ -17,7 +17,7 @@ from tolerances import EPS32, GRADIENT, MODEL, REORDERED, assert_f32_close
 
 import rlhf_jax as rj
 from rlhf_jax import core, models
-from rlhf_jax.models.hf import config_from_hf, hf_to_params, params_to_hf
+from rlhf_jax.models import config_from_hf, hf_to_params, params_to_hf
 from rlhf_jax.sampling import SamplingConfig, generate
 
 STOP = 2

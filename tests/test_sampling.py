@@ -15,7 +15,7 @@ from tolerances import MODEL, assert_f32_close
 
 import rlhf_jax as rj
 from rlhf_jax import models, sampling
-from rlhf_jax.models.hf import config_from_hf, hf_to_params
+from rlhf_jax.models import config_from_hf, hf_to_params
 from rlhf_jax.sampling import (
     SamplingConfig,
     _chunk_ranges,

@@ -464,8 +464,9 @@ def ppo_workers(request, tmp_path_factory):
 def test_two_processes_match_one_process(ppo_workers):
     """2 processes x 4 CPU devices (gloo) on a 2x2x2 mesh, each feeding the whole (replicated)
     prompt batch (the rows are split over the mesh inside the iteration; `local_rows` are the
-    rows this process's devices hold), run 2 PPO iterations; metrics and final state equal this process's 2x2x2 run
-    (whose first iteration equals the single-device reference, tested above)."""
+    rows this process's devices hold), run 2 PPO iterations; metrics and final state equal
+    this process's 2x2x2 run (whose first iteration equals the single-device reference, tested
+    above)."""
     try:
         expected, _, _ = two_iterations_on_2x2x2()
     finally:

@@ -74,8 +74,8 @@ def test_sft_then_rm_then_loadable_for_ppo(tiny):
     assert last["eval/accuracy"] >= 0.9, last
     reward = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir / "model")
     assert reward.config.num_labels == 1
-    params, config = models.hf.load(rm_dir / "model")
-    value_params, value_config = models.hf.value_from_reward(params, config)
+    params, config = models.load(rm_dir / "model")
+    value_params, value_config = models.value_from_reward(params, config)
     assert value_config.head == "score"
 
 

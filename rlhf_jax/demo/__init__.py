@@ -300,9 +300,9 @@ def run_demo(
     _plot(history, out / "curves.png")
     if save_models:
         tokenizer = task.hf_tokenizer()
-        models.hf.save(sft_params, policy_config, out / "models" / "sft", tokenizer=tokenizer)
-        models.hf.save(reward_params, reward_config, out / "models" / "reward", tokenizer=tokenizer)
-        models.hf.save(
+        models.save(sft_params, policy_config, out / "models" / "sft", tokenizer=tokenizer)
+        models.save(reward_params, reward_config, out / "models" / "reward", tokenizer=tokenizer)
+        models.save(
             ppo_state.policy_params, policy_config, out / "models" / "ppo", tokenizer=tokenizer
         )
     print(

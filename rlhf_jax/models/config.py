@@ -12,7 +12,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rlhf_jax.models.lora import LoRAConfig, check_family
+from rlhf_jax.models.lora_config import LoRAConfig, check_family
 
 FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 # Attention kinds of `ModelConfig.layer_types` (HF names).
@@ -121,13 +121,15 @@ class ModelConfig:
         einsum + softmax elsewhere), "xla", "flash" or "cudnn". Cached passes (prefill,
         decode), sliding-window models, soft-capped scores and GPT-2's per-layer scaling always
         take the XLA path.
-      scan_layers: run a full pass's layers as one `nn.scan` (True) or unrolled (False); None
-        (default) scans when `num_layers > UNROLL_MAX_LAYERS`. A scan keeps compile time flat in
-        depth; unrolled, shallow models avoid the scan's per-layer slicing and stacking (10% of
-        a PPO iteration of a 2-layer model on CPU). Params are stacked either way.
+      scan_layers: run a full pass's layers as one `nn.scan` (True) or as the same scan fully
+        unrolled (False); None (default) scans when `num_layers > UNROLL_MAX_LAYERS`. A scan
+        keeps compile time flat in depth; unrolled, shallow models avoid the scan's per-layer
+        slicing and stacking (4-10% of a PPO iteration of a 2-4-layer model on CPU) and a pass
+        asked for a few positions computes only those in its last layer. Params are stacked
+        either way.
       initializer_range: std of the normal init of kernels and embeddings.
       pad_token_id, bos_token_id, eos_token_id: carried for export only.
-      lora: LoRA adapters on the projections (`rlhf_jax.models.lora.LoRAConfig`); None: none.
+      lora: LoRA adapters on the projections (`rlhf_jax.models.lora_config.LoRAConfig`); None: none.
         The params then hold `lora_a` / `lora_b` beside each targeted kernel.
     """
 

@@ -2,7 +2,7 @@
 
 A targeted projection computes `y = x W + (alpha / rank) (x A) B` with `A` `[in..., rank]` and `B`
 `[rank, out...]` (float32, whatever the base's dtype), unmerged, in the layer that also applies
-`W` (`model.Dense`). The adapters are leaves `lora_a` / `lora_b` beside the projection's `kernel`
+`W` (`layers.Dense`). The adapters are leaves `lora_a` / `lora_b` beside the projection's `kernel`
 in the one param tree of a model whose `ModelConfig.lora` is set (stacked over layers like the
 kernels, with their own logical axes: `A` keeps the kernel's input axes, `B` its output axes), so
 every forward, scan, cache, sharding rule and checkpoint handles them without a second path.
@@ -13,132 +13,37 @@ every forward, scan, cache, sharding rule and checkpoint handles them without a 
 - `base(params)`: the params without adapters: the same forward as the base model (the policy's
   frozen reference when LoRA is on; no second copy of the base exists).
 - `merge(params, config)`: the base with `W + (alpha / rank) A B` folded in (export, decode).
-- `adapter_to_peft` / `adapter_from_peft`: the adapter in peft's safetensors names and layout.
+- `adapter_to_peft` / `adapter_from_peft`, `save_peft` / `load_peft`: the adapter in peft's
+  safetensors names and layout.
 
-Initialisation as peft's default: `A` uniform in `±1/sqrt(fan_in)` (kaiming-uniform with
-`a = sqrt(5)`), `B` zero, so a fresh adapter leaves the model unchanged.
+What an adapter is (`LoRAConfig`, the projections it may target, which families carry one) is in
+`lora_config`, below the model. Initialisation as peft's default: `A` uniform in
+`±1/sqrt(fan_in)` (kaiming-uniform with `a = sqrt(5)`), `B` zero, so a fresh adapter leaves the
+model unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
+from pathlib import Path
 from typing import Any
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
-Params = dict[str, Any]
-
-# Our projection names -> (param path, number of input axes of the kernel, HF module name).
-TARGETS: dict[str, tuple[tuple[str, ...], int, str]] = {
-    "q": (("layers", "attn", "q"), 1, "self_attn.q_proj"),
-    "k": (("layers", "attn", "k"), 1, "self_attn.k_proj"),
-    "v": (("layers", "attn", "v"), 1, "self_attn.v_proj"),
-    "o": (("layers", "attn", "o"), 2, "self_attn.o_proj"),
-    "gate": (("layers", "mlp", "gate"), 1, "mlp.gate_proj"),
-    "up": (("layers", "mlp", "up"), 1, "mlp.up_proj"),
-    "down": (("layers", "mlp", "down"), 1, "mlp.down_proj"),
-}
-_HF_TARGET = {hf.split(".")[-1]: name for name, (_, _, hf) in TARGETS.items()}
-# Modules trained whole next to the adapters (peft's `modules_to_save`): param tree key -> HF.
-TRAIN_MODULES = {"embed": "embed_tokens", "lm_head": "lm_head", "score": "score"}
-# Families whose projections are separate linear layers (GPT-2 and NeoX fuse q, k and v).
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
-ADAPTER_KEYS = ("lora_a", "lora_b")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig:
-    """Which projections carry adapters and how they scale. Hashable (part of `ModelConfig`).
-
-    Attributes:
-      rank: adapter rank r (> 0). alpha: scale numerator: the update is `(alpha / rank) x A B`
-        (peft's `lora_alpha`; defaults equal peft's, r = alpha = 8).
-      targets: projections with adapters, by our names (q, k, v, o, gate, up, down) or HF's
-        (q_proj, ..., down_proj), or "all-linear" (every one; the default, as OpenRLHF and verl
-        use). A name the model lacks (gate on a plain MLP) is an error.
-      train_modules: whole modules trained beside the adapters (peft's `modules_to_save`):
-        "embed", "lm_head", "score" (the trainer adds "score" to a LoRA value model: its
-        head is new).
-      dropout: adapter dropout; only 0 (no dropout, OpenRLHF's and verl's RL default).
-    """
-
-    rank: int = 8
-    alpha: float = 8.0
-    targets: tuple[str, ...] = ("all-linear",)
-    train_modules: tuple[str, ...] = ()
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("targets", "train_modules"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = (value,)
-            object.__setattr__(self, name, tuple(value))
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise ValueError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"lora.alpha must be > 0, got {self.alpha!r}")
-        if self.dropout != 0:
-            raise ValueError(
-                f"lora.dropout={self.dropout}: only 0 is supported (RL fine-tuning runs LoRA "
-                "without dropout: the rollout policy and the trained one must be the same "
-                "function for the importance ratio)"
-            )
-        names = []
-        for target in self.targets:
-            if target in ("all-linear", "all"):
-                names.extend(TARGETS)
-            elif target in TARGETS:
-                names.append(target)
-            elif target in _HF_TARGET:
-                names.append(_HF_TARGET[target])
-            else:
-                raise ValueError(
-                    f"lora.targets: unknown module {target!r}; use 'all-linear' or names from "
-                    f"{list(TARGETS)} (or HF's {list(_HF_TARGET)})"
-                )
-        object.__setattr__(self, "targets", tuple(n for n in TARGETS if n in names))
-        for module in self.train_modules:
-            if module not in TRAIN_MODULES:
-                raise ValueError(
-                    f"lora.train_modules: unknown module {module!r}; choose from "
-                    f"{list(TRAIN_MODULES)}"
-                )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-
-def check_family(config: Any) -> None:
-    """Raises ValueError when `config` (a `ModelConfig` with `lora`) cannot carry adapters."""
-    lora = config.lora
-    if lora is None:
-        return
-    if config.family not in FAMILIES:
-        raise ValueError(
-            f"LoRA needs separate q/k/v projections; family {config.family!r} fuses them. "
-            f"LoRA supports {FAMILIES}"
-        )
-    if config.mlp != "gated" and "gate" in lora.targets:
-        raise ValueError("lora.targets has 'gate' but this model's MLP has no gate projection")
-    for module in lora.train_modules:
-        if module == "lm_head" and (config.head != "lm" or config.tie_embeddings):
-            raise ValueError("lora.train_modules has 'lm_head' but the model has no separate one")
-        if module == "score" and config.head != "score":
-            raise ValueError("lora.train_modules has 'score' but the model has no score head")
-
-
-def a_init(fan_in: int):
-    """peft's default `A` init: kaiming-uniform with `a = sqrt(5)`, i.e. U(±1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-        key, shape, dtype, -bound, bound
-    )
+from rlhf_jax.models.lora_config import (
+    ADAPTER_KEYS,
+    TARGETS,
+    TRAIN_MODULES,
+    LoRAConfig,
+    check_family,
+)
+from rlhf_jax.models.model import Params, param_shapes
+from rlhf_jax.models.weights import PREFIX, expected_specs, get_path, params_to_hf
 
 
 def _is_trainable(path: tuple[str, ...], lora: LoRAConfig) -> bool:
@@ -222,9 +127,7 @@ def merged_for_decode(params: Params, config: Any) -> tuple[Params, Any]:
 
 
 def _peft_prefix(config: Any) -> str:
-    from rlhf_jax.models.hf import _PREFIX
-
-    return f"base_model.model.{_PREFIX[config.family]}.layers"
+    return f"base_model.model.{PREFIX[config.family]}.layers"
 
 
 def peft_config(config: Any, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -252,15 +155,13 @@ def peft_config(config: Any, base_model_name_or_path: str | None) -> dict[str, A
 def adapter_to_peft(params: Params, config: Any) -> dict[str, np.ndarray]:
     """peft's tensors (`adapter_model.safetensors` names, torch `[out, in]` layouts) of the
     adapters and trained modules in `params`."""
-    from rlhf_jax.models.hf import _get, params_to_hf
-
     lora = config.lora
     host = jax.device_get(params)
     prefix = _peft_prefix(config)
     out: dict[str, np.ndarray] = {}
     for name in lora.targets:
         path, _, hf = TARGETS[name]
-        node = _get(host, path)
+        node = get_path(host, path)
         a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
         r = a.shape[-1]
         for i in range(a.shape[0]):
@@ -285,8 +186,6 @@ def adapter_from_peft(
     """Adapters (and trained modules) of a peft LoRA directory as a partial param tree for
     `config`'s base model, with `config` given the adapter's `LoRAConfig`. Checks the adapter's
     shapes against the model; raises ValueError naming the first mismatch."""
-    from rlhf_jax.models.hf import _get, _param_shapes
-
     if adapter_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"not a LoRA adapter: peft_type={adapter_config.get('peft_type')!r}")
     for option in ("use_dora", "use_rslora"):
@@ -306,14 +205,14 @@ def adapter_from_peft(
     )
     config = dataclasses.replace(config, lora=lora)
     check_family(config)
-    expected = _param_shapes(config)
+    expected = param_shapes(config)
     prefix = _peft_prefix(config)
     names = {k.replace(".default", ""): v for k, v in tensors.items()}
     adapters: dict[tuple[str, ...], Any] = {}
     for name in lora.targets:
         path, _, hf = TARGETS[name]
-        shape_a = _get(expected, path + ("lora_a",)).shape
-        shape_b = _get(expected, path + ("lora_b",)).shape
+        shape_a = get_path(expected, path + ("lora_a",)).shape
+        shape_b = get_path(expected, path + ("lora_b",)).shape
         layers_a, layers_b = [], []
         for i in range(config.num_layers):
             key_a, key_b = f"{prefix}.{i}.{hf}.lora_A.weight", f"{prefix}.{i}.{hf}.lora_B.weight"
@@ -344,18 +243,16 @@ def adapter_from_peft(
 
 
 def _modules_from_hf(tensors: dict[str, Any], config: Any, module: str) -> Params:
-    from rlhf_jax.models.hf import _expected_specs, _get, _param_shapes
-
-    shapes = _param_shapes(config)
+    shapes = param_shapes(config)
     out = {}
-    for spec in _expected_specs(config, shapes):
+    for spec in expected_specs(config, shapes):
         if spec.paths[0][0] != module or "{i}" in spec.hf:
             continue
         if spec.hf not in tensors:
             raise ValueError(f"the adapter's modules_to_save has no {spec.hf}")
         value = np.asarray(tensors[spec.hf], np.float32)
         (leaf,) = spec.to_params(value)
-        want = _get(shapes, spec.paths[0]).shape
+        want = get_path(shapes, spec.paths[0]).shape
         if leaf.shape != want:
             raise ValueError(
                 f"{spec.hf} has shape {value.shape}, this model's {module} needs {want}: the "
@@ -374,11 +271,6 @@ def save_peft(
 ) -> None:
     """Writes a peft adapter directory (`adapter_config.json` + `adapter_model.safetensors`)
     that `peft.PeftModel.from_pretrained(base_model, path)` loads."""
-    import json
-    from pathlib import Path
-
-    from safetensors.numpy import save_file
-
     if config.lora is None:
         raise ValueError("save_peft: the model config has no lora section")
     path = Path(path)
@@ -393,11 +285,6 @@ def load_peft(path: str | Any, config: Any) -> tuple[Params, Any]:
     """A peft LoRA adapter directory as `(adapter params, config with its LoRAConfig)` for the
     base model `config` (see `adapter_from_peft`; `join(adapters, base_params)` gives the model).
     Raises ValueError when the directory is not a LoRA adapter or does not fit the model."""
-    import json
-    from pathlib import Path
-
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not (path / ADAPTER_CONFIG).exists():
         raise ValueError(f"{path} is not a peft adapter directory (no {ADAPTER_CONFIG})")

@@ -1,13 +1,16 @@
 """One Flax linen decoder LM for GPT-2, GPT-NeoX, Llama/Mistral, Qwen2/Qwen3 and Gemma 2/3.
 
 Layer params carry a leading layer axis. A full pass (no cache: training, scoring) runs the layers
-as an `nn.scan`, so its compile time does not grow with depth, or unrolled for shallow models
-(`ModelConfig.scan_layers`), which skips the scan's per-layer slicing and stacking. A cached pass
-(prefill and decode) runs the layers unrolled over a KV cache held as one `[B, N, S, K]` array per
-layer, so each decode step writes only the new slot in place and reads each layer's cache without
-copying it; that keeps the cost of a decode step proportional to the work, not to copies of the
-cache. The KV cache is an explicit pytree argument and return value. Functions take plain nested
-param dicts; `ModelConfig` is static.
+as one `nn.scan` (`_layers`, which `init` also creates the params through), so its compile time
+does not grow with depth. For shallow models (`ModelConfig.scan_layers`) the same scan is fully
+unrolled (straight-line layers on static slices of the weights, without the scan's per-layer
+dynamic slicing and stacking), and a pass asked for a few positions (`forward(..., outputs=)`)
+runs its last layer apart, on those positions only. A cached pass (prefill and decode) runs the
+layers one by one over a KV cache held as one `[B, N, S, K]` array per layer, so each decode step
+writes only the new slot in place and reads each layer's cache without copying it; that keeps
+the cost of a decode step proportional to the work, not to copies of the cache. The KV cache is
+an explicit pytree argument and return value. Functions take plain nested param dicts;
+`ModelConfig` is static.
 
 Sliding-window and full-attention layers (Mistral, Qwen2/3, Gemma 2/3) differ only in data: each
 layer gets its `is_local` flag (scanned with the layers' params) and picks its attention mask and
@@ -40,15 +43,9 @@ import numpy as np
 from jax import lax
 
 from rlhf_jax.models import attention, masks
-from rlhf_jax.models import lora as lora_init
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.rope import (  # noqa: F401 - _inv_freq, _materialized: for tests
-    _apply_rope,
-    _inv_freq,
-    _materialized,
-    _rope_tables,
-    rope_tables,
-)
+from rlhf_jax.models.layers import Dense, Norm
+from rlhf_jax.models.rope import apply_rope, rope_tables
 
 Params = dict[str, Any]
 _F32 = jnp.float32
@@ -100,160 +97,6 @@ def _activation(name: str, x: jax.Array) -> jax.Array:
     return jax.nn.relu(x)
 
 
-class Dense(nn.Module):
-    """`y = x @ kernel (+ bias)`, contracting the last `in_dims` axes of x.
-
-    The kernel has shape `x.shape[-in_dims:] + features` and logical axes `axes`; the bias has
-    shape `features` and the trailing `len(features)` axis names. Inputs and kernel are cast to
-    the compute dtype; `float32_out` (the LM and score heads) accumulates and returns float32, so
-    bfloat16 logits, values and scores are not rounded before the log-softmax or the loss.
-    """
-
-    config: ModelConfig
-    features: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    use_bias: bool
-    in_dims: int = 1
-    float32_out: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        init = nn.initializers.normal(c.initializer_range)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(init, self.axes),
-            x.shape[x.ndim - self.in_dims :] + self.features,
-            c.params_dtype,
-        )
-        dtype = c.compute_dtype
-        # One 2-D matmul [rows, in] x [in, out]: with several contracted or leading axes, the
-        # weight gradient becomes a multi-axis contraction that XLA:CPU lowers through a
-        # transposing copy fused with the elementwise producer (2x slower backward).
-        lead, contract = x.shape[: x.ndim - self.in_dims], kernel.shape[: self.in_dims]
-        x_2d = x.astype(dtype).reshape(-1, int(np.prod(contract)))
-        kernel_2d = kernel.astype(dtype).reshape(x_2d.shape[1], -1)
-        out = _F32 if self.float32_out else None
-        y = jnp.dot(x_2d, kernel_2d, preferred_element_type=out)
-        lora = c.lora
-        if (
-            lora is not None
-            and self.name in lora.targets
-            and (self.is_initializing() or self.has_variable("params", "lora_a"))
-        ):  # unmerged LoRA: y += (alpha / r) (x A) B; adapters float32, applied in compute dtype
-            in_axes, out_axes = self.axes[: self.in_dims], self.axes[self.in_dims :]
-            a = self.param(
-                "lora_a",
-                nn.with_logical_partitioning(lora_init.a_init(x_2d.shape[1]), in_axes + (None,)),
-                contract + (lora.rank,),
-                jnp.float32,
-            )
-            b = self.param(
-                "lora_b",
-                nn.with_logical_partitioning(nn.initializers.zeros, (None,) + out_axes),
-                (lora.rank,) + self.features,
-                jnp.float32,
-            )
-            xa = jnp.dot(x_2d, a.astype(dtype).reshape(x_2d.shape[1], lora.rank))
-            xab = jnp.dot(xa, b.astype(dtype).reshape(lora.rank, -1), preferred_element_type=out)
-            y = y + (lora.scale * xab).astype(y.dtype)
-        y = y.reshape(lead + self.features)
-        if self.use_bias:
-            bias_axes = self.axes[len(self.axes) - len(self.features) :]
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, bias_axes),
-                self.features,
-                c.params_dtype,
-            )
-            y = y + bias.astype(y.dtype)
-        return y
-
-
-class Norm(nn.Module):
-    """LayerNorm (scale and bias) or RMSNorm (scale) over the last axis, computed in float32.
-
-    With `norm_plus_one` (Gemma) the scale is stored as `weight - 1`: zero-initialised, applied
-    as `1 + scale`."""
-
-    config: ModelConfig
-    kind: str
-    axis_name: str = "embed"
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = self.config
-        shape = (x.shape[-1],)
-        axes = (self.axis_name,)
-        init = nn.initializers.zeros if c.norm_plus_one else nn.initializers.ones
-        scale = self.param("scale", nn.with_logical_partitioning(init, axes), shape, c.params_dtype)
-        x = x.astype(_F32)
-        if self.kind == "layernorm":
-            x = x - jnp.mean(x, axis=-1, keepdims=True)
-        y = x * lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + c.norm_eps)
-        y = y * (1.0 + scale.astype(_F32) if c.norm_plus_one else scale.astype(_F32))
-        if self.kind == "layernorm":
-            bias = self.param(
-                "bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, axes),
-                shape,
-                c.params_dtype,
-            )
-            y = y + bias.astype(_F32)
-        return y.astype(c.compute_dtype)
-
-
-@jax.custom_vjp
-def _softmax(x: jax.Array) -> jax.Array:
-    """`jax.nn.softmax(x, axis=-1)` with the backward's row sums `sum(g * y)` as a dot.
-
-    The same values and gradients; XLA:CPU runs the fused multiply-and-reduce of the stock
-    backward 4-5x slower than the equivalent dot at attention shapes (many short rows)."""
-    return jax.nn.softmax(x, axis=-1)
-
-
-def _softmax_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    y = jax.nn.softmax(x, axis=-1)
-    return y, y
-
-
-def _softmax_bwd(y: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    row_dot = jnp.einsum("...s,...s->...", g, y, preferred_element_type=_F32)
-    return ((y * (g - row_dot[..., None].astype(g.dtype))).astype(y.dtype),)
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
-def _attend(
-    q_BTHK: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    allowed_BTS: jax.Array,
-    scale,
-    kv_layout: str = "bsnk",
-    softcap: float | None = None,
-) -> jax.Array:
-    """Grouped-query softmax attention; scores and softmax in float32.
-
-    `k`, `v` are `[B, S, N, K]` (`kv_layout="bsnk"`) or `[B, N, S, K]` (`"bnsk"`, the cache).
-    Query head h reads kv head `h // (H // N)` (HF `repeat_kv` order). Scaled scores are
-    soft-capped (`tanh(s / softcap) * softcap`) before the mask when `softcap` is set. Rows with
-    no allowed key get uniform weights (finite, never NaN).
-    """
-    b, t, h, d = q_BTHK.shape
-    n = k.shape[kv_layout.index("n")]
-    q_BTNGK = q_BTHK.reshape(b, t, n, h // n, d)
-    scores = jnp.einsum(f"btngk,{kv_layout}->bngts", q_BTNGK, k, preferred_element_type=_F32)
-    scores = scores * scale
-    if softcap is not None:
-        scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(allowed_BTS[:, None, None], scores, jnp.finfo(_F32).min)
-    probs = _softmax(scores).astype(v.dtype)
-    out = jnp.einsum(f"bngts,{kv_layout}->btngk", probs, v)
-    return out.reshape(b, t, h, d)
-
-
 class Attention(nn.Module):
     config: ModelConfig
 
@@ -277,8 +120,8 @@ class Attention(nn.Module):
             q = Norm(c, "rmsnorm", "head_dim", name="q_norm")(q)
             k = Norm(c, "rmsnorm", "head_dim", name="k_norm")(k)
         if rope is not None:
-            q = _apply_rope(q, *q_rope)
-            k = _apply_rope(k, *rope)
+            q = apply_rope(q, *q_rope)
+            k = apply_rope(k, *rope)
         q = _constrain(q, "batch", "length", "act_heads", None)
         k = _constrain(k, "batch", "length", "act_kv_heads", None)
         v = _constrain(v, "batch", "length", "act_kv_heads", None)
@@ -301,7 +144,7 @@ class Attention(nn.Module):
         if kernel is not None:  # a full pass: the last query's row of its mask is the key mask
             out = attention.fused_attention(kernel, q, k, v, allowed_BTS[:, -1], float(scale))
         else:
-            out = _attend(q, k, v, allowed_BTS, scale, layout, c.attn_logit_softcap)
+            out = attention.attend(q, k, v, allowed_BTS, scale, layout, c.attn_logit_softcap)
         out = _constrain(out, "batch", "length", "act_heads", None)
         o = Dense(c, (c.hidden_size,), ("heads", "head_dim", "embed"), c.attn_out_bias, 2, name="o")
         return o(out), kv
@@ -383,6 +226,26 @@ def _remat(fn, config: ModelConfig, **kwargs):
     return remat(fn, prevent_cse=False, policy=policy, **kwargs)
 
 
+def _layers(config: ModelConfig) -> nn.Module:
+    """The full pass's layers: `Block` (under the config's remat) as one `nn.scan` over layer
+    params stacked on a leading axis, `(h, (layer_idx, is_local, None), rope, allowed, None) ->
+    (h, None)`, as many layers as `layer_idx` holds. Fully unrolled (`unroll=True`: static
+    slices and straight-line layers) when `ModelConfig.use_scan` is False."""
+    return nn.scan(
+        _remat(Block, config),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        unroll=1 if config.use_scan else True,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(config)
+
+
+def _layer_xs(config: ModelConfig, count: int) -> tuple[Any, ...]:
+    """The scanned inputs of the first `count` layers: their indices and `is_local` flags."""
+    return jnp.arange(count), jnp.asarray(masks.layer_flags(config)[:count]), None
+
+
 def _full_pass_inputs(config: ModelConfig, positions_BT: jax.Array, mask_BT: jax.Array):
     """RoPE tables (`rope_tables`) and the `[B, T, T]` masks of a full pass
     (`masks.full_pass_masks`): query `i` attends to keys `j <= i` with `mask[j]`."""
@@ -390,7 +253,8 @@ def _full_pass_inputs(config: ModelConfig, positions_BT: jax.Array, mask_BT: jax
 
 
 class Transformer(nn.Module):
-    """Decoder LM; `__call__` gives final-normed hidden states, `logits`/`scores` the heads."""
+    """Decoder LM: embeddings, the layers (`_layers`), final norm and heads; `forward` runs a
+    pass, `logits` / `scores` the heads, `init_all` creates every param."""
 
     config: ModelConfig
 
@@ -412,15 +276,7 @@ class Transformer(nn.Module):
                 param_dtype=c.params_dtype,
                 embedding_init=nn.with_logical_partitioning(init, (None, "embed")),
             )
-        block = _remat(Block, c)
-        self.layers = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
-            length=c.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c)
+        self.layers = _layers(c)
         self.final_norm = Norm(c, c.norm)
         if c.head == "lm" and not c.tie_embeddings:
             self.lm_head = Dense(c, (c.vocab_size,), ("embed", "vocab"), False, float32_out=True)
@@ -442,15 +298,6 @@ class Transformer(nn.Module):
 
     def final(self, h_BTD):
         return self.final_norm(h_BTD)
-
-    def __call__(self, tokens_BT, positions_BT, mask_BT):
-        """Full pass (no cache): each query attends to keys `j <= i` with `mask[j]`."""
-        c = self.config
-        h = self.embed_tokens(tokens_BT, positions_BT)
-        rope, allowed = _full_pass_inputs(c, positions_BT, mask_BT)
-        xs = (jnp.arange(c.num_layers), jnp.asarray(masks.layer_flags(c)), None)
-        h, _ = self.layers(h, xs, rope, allowed, None)
-        return self.final_norm(h)
 
     def logits(self, hidden_BTD):
         c = self.config
@@ -477,9 +324,13 @@ class Transformer(nn.Module):
         return self.score(hidden_BTD)
 
     def init_all(self, tokens_BT):
-        """Touches every submodule so `init` creates all params."""
-        h = self(tokens_BT, tokens_BT, tokens_BT >= 0)
-        return self.logits(h) if self.config.head == "lm" else self.scores(h)
+        """Touches every submodule so `init` creates all params (the layers' through `_layers`)."""
+        c = self.config
+        h = self.embed_tokens(tokens_BT, tokens_BT)
+        rope, allowed = _full_pass_inputs(c, tokens_BT, tokens_BT >= 0)
+        h, _ = self.layers(h, _layer_xs(c, c.num_layers), rope, allowed, None)
+        h = self.final_norm(h)
+        return self.logits(h) if c.head == "lm" else self.scores(h)
 
 
 def _init_variables(config: ModelConfig, key: jax.Array) -> dict[str, Any]:
@@ -495,6 +346,11 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
     init wrap it again: `jax.jit(init_params, static_argnums=0, out_shardings=...)`.
     """
     return nn.meta.unbox(_init_variables(config, key)["params"])
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """Params-shaped tree of `jax.ShapeDtypeStruct`s (no computation)."""
+    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
 
 
 def logical_axes(config: ModelConfig) -> Any:
@@ -546,10 +402,12 @@ def forward(
         the last `sliding_window` real tokens up to the query (see `masks`); their cache is full
         length too.
       outputs: full pass only: `(start, length)` (static ints) returns the hidden states of
-        positions `[start, start + length)` only, `[B, length, D]`. With unrolled layers the last
-        layer computes only those positions (its queries, attention output and MLP), so callers
-        that need a few positions (PPO's response tokens) skip part of its FLOPs; the scanned
-        path computes everything and slices.
+        positions `[start, start + length)` only, `[B, length, D]`. With unrolled layers
+        (`ModelConfig.use_scan` False) the last layer runs apart and computes only those
+        positions (its queries, attention output and MLP), so callers that need a few positions
+        (PPO's response tokens) skip part of its FLOPs; a scanned pass computes every position
+        and slices (running the last layer apart would slice the stacked weights the scan reads,
+        a copy of them).
 
     Rows of pad queries are finite but meaningless.
     """
@@ -566,13 +424,7 @@ def forward(
                 f"forward: outputs={outputs} must be (start, length) with length >= 1 inside the "
                 f"{tokens_BT.shape[1]} positions"
             )
-        if config.use_scan:
-            hidden = model.apply({"params": params}, tokens_BT, positions_BT, mask_BT)
-            if outputs is not None:
-                hidden = hidden[:, outputs[0] : outputs[0] + outputs[1]]
-            return hidden, None
-        hidden = _unrolled_full_pass(params, config, tokens_BT, positions_BT, mask_BT, outputs)
-        return hidden, None
+        return _full_pass(params, config, tokens_BT, positions_BT, mask_BT, outputs), None
     if outputs is not None:
         raise ValueError("forward: outputs=(start, length) is for full passes (cache=None)")
     if len(cache.k) != config.num_layers:
@@ -602,38 +454,38 @@ def forward(
     return h, KVCache(k=tuple(keys), v=tuple(values), mask=kv_mask, index=index + t)
 
 
-def _unrolled_full_pass(
+def _full_pass(
     params: Params,
     config: ModelConfig,
     tokens_BT: jax.Array,
     positions_BT: jax.Array,
     mask_BT: jax.Array,
-    queries: tuple[int, int] | None = None,
+    queries: tuple[int, int] | None,
 ) -> jax.Array:
-    """`Transformer.__call__` with the layers unrolled: the same blocks, masks and remat policy.
-
-    The stacked layer params are split once (`jnp.split`, whose transpose is one concatenate), so
-    the backward pass writes each weight gradient once instead of summing per-layer pads.
-    `queries=(start, length)`: the last layer computes only those positions (the earlier layers
-    need every position for its keys and values)."""
+    """`forward` without a cache: the layers through `_layers`. `queries=(start, length)`: the
+    hidden states of those positions; with unrolled layers the last one computes only them (the
+    earlier layers need every position for its keys and values). Its params are split from the
+    stack once (`jnp.split`, whose transpose is one concatenate: the backward writes each weight
+    gradient once instead of summing two pads)."""
     model, variables = Transformer(config), {"params": params}
     h = model.apply(variables, tokens_BT, positions_BT, method=Transformer.embed_tokens)
     rope, allowed = _full_pass_inputs(config, positions_BT, mask_BT)
-    n = config.num_layers
-    split = jax.tree.map(lambda w: jnp.split(w, n, axis=0), params["layers"])
-    block, is_local = Block(config), masks.layer_flags(config)
-
-    def layer(layer_params, h_BTD, i, queries):
-        xs = (np.int32(i), is_local[i], None)
-        variables = {"params": layer_params}
-        return block.apply(variables, h_BTD, xs, rope, allowed, None, queries)[0]
-
-    layer = _remat(layer, config, static_argnums=(2, 3))
-    for i in range(n):
-        layer_params = jax.tree.map(
-            lambda parts, i=i: parts[i][0], split, is_leaf=lambda x: isinstance(x, list)
-        )
-        h = layer(layer_params, h, i, queries if i == n - 1 else None)
+    layers, n, last = params["layers"], config.num_layers, None
+    if queries is not None and not config.use_scan:  # the last layer runs apart, on `queries`
+        split = jax.tree.map(lambda w: jnp.split(w, [n - 1]), layers)
+        is_split = lambda x: isinstance(x, list)
+        layers = jax.tree.map(lambda parts: parts[0], split, is_leaf=is_split)
+        last = {"params": jax.tree.map(lambda parts: parts[1][0], split, is_leaf=is_split)}
+    scanned = n if last is None else n - 1
+    if scanned:
+        xs = _layer_xs(config, scanned)
+        h, _ = _layers(config).apply({"params": layers}, h, xs, rope, allowed, None)
+    if last is not None:
+        xs = (np.int32(n - 1), masks.layer_flags(config)[n - 1], None)
+        layer = lambda v, h: Block(config).apply(v, h, xs, rope, allowed, None, queries)[0]
+        h = _remat(layer, config)(last, h)
+    elif queries is not None:
+        h = h[:, queries[0] : queries[0] + queries[1]]
     return model.apply(variables, h, method=Transformer.final)
 
 

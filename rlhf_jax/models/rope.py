@@ -16,7 +16,7 @@ from rlhf_jax.models.config import ModelConfig
 _F32 = jnp.float32
 
 
-def _inv_freq(config: ModelConfig, positions_BT: jax.Array, local: bool = False) -> jax.Array:
+def inv_freq(config: ModelConfig, positions_BT: jax.Array, local: bool = False) -> jax.Array:
     """RoPE inverse frequencies `[rotary_dim // 2]` float32, with HF rope scaling applied
     (`local`: plain RoPE with base `rope_local_theta`, for the sliding-window layers)."""
     dim = config.rotary_dim
@@ -32,32 +32,32 @@ def _inv_freq(config: ModelConfig, positions_BT: jax.Array, local: bool = False)
         factor = scaling["factor"]
         base = config.rope_theta * (factor * seq_len / max_pos - (factor - 1)) ** (dim / (dim - 2))
         return 1.0 / base ** jnp.asarray(exponents)
-    inv_freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
+    freq = np.float32(1.0) / np.float32(config.rope_theta) ** exponents
     if rope_type == "linear":
-        inv_freq = inv_freq / np.float32(scaling["factor"])
+        freq = freq / np.float32(scaling["factor"])
     elif rope_type == "llama3":
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * np.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        wavelen = 2 * np.pi / freq
+        scaled = np.where(wavelen > old_len / low, freq / factor, freq)
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
-    return jnp.asarray(inv_freq, _F32)
+        freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return jnp.asarray(freq, _F32)
 
 
-def _rope_tables(
+def cos_sin(
     config: ModelConfig, positions_BT: jax.Array, local: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """Float32 `(cos, sin)`, each `[B, T, rotary_dim]` (HF layout: frequencies repeated twice)."""
-    angles = positions_BT.astype(_F32)[..., None] * _inv_freq(config, positions_BT, local)
+    angles = positions_BT.astype(_F32)[..., None] * inv_freq(config, positions_BT, local)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return _materialized(jnp.cos(angles)), _materialized(jnp.sin(angles))
+    return materialized(jnp.cos(angles)), materialized(jnp.sin(angles))
 
 
-def _materialized(x: jax.Array) -> jax.Array:
+def materialized(x: jax.Array) -> jax.Array:
     """Finite `x`, bit for bit (a product with the identity matrix at full precision), as the
     output of a dot.
 
@@ -70,7 +70,7 @@ def _materialized(x: jax.Array) -> jax.Array:
     return jnp.einsum("...r,rs->...s", x, eye, precision=lax.Precision.HIGHEST)
 
 
-def _apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
+def apply_rope(x_BTHK: jax.Array, cos_BTR: jax.Array, sin_BTR: jax.Array) -> jax.Array:
     """Rotate-half RoPE on the first `rotary_dim` features of each head (float32 math)."""
     rot_dim = cos_BTR.shape[-1]
     x = x_BTHK.astype(_F32)
@@ -93,7 +93,7 @@ def rope_tables(
     positions."""
     if config.positions != "rope":
         return None
-    tables = _rope_tables(config, positions_BT)
+    tables = cos_sin(config, positions_BT)
     if config.rope_local_theta is None or not config.has_local_layers:
         return tables, None
-    return tables, _rope_tables(config, positions_BT, local=True)
+    return tables, cos_sin(config, positions_BT, local=True)

@@ -68,7 +68,7 @@ def shard_params(
     """Place an existing host pytree (e.g. NumPy arrays loaded from a checkpoint) on ``mesh``.
 
     Each leaf is placed device by device: every addressable device receives only its own slice
-    (``x[index]``, which for a lazy leaf such as :class:`rlhf_jax.models.hf.LazyLeaf` reads and
+    (``x[index]``, which for a lazy leaf such as :class:`rlhf_jax.models.weights.LazyLeaf` reads and
     converts only that slice), and the host holds one slice at a time (devices with the same
     slice share one read). So the full model is never materialised on one device, nor on the
     host beyond what the leaves themselves hold. In a multi-process run every process passes

@@ -1,8 +1,8 @@
-"""Hugging Face interop: safetensors load/save, per-tensor weight conversion (config mapping:
-`hf_config`).
+"""Hugging Face weight names <-> our param layout: `hf_to_params` and `params_to_hf`, one tensor
+at a time (config mapping: `hf_config`; checkpoint files: `io`).
 
-Weight names. HF `<p>` is `transformer` (GPT-2), `gpt_neox` (NeoX) or `model` (others); `i` is the
-layer, whose params we stack on a leading layer axis. Norm `scale`/`bias` are HF `weight`/`bias`;
+HF `<p>` is `transformer` (GPT-2), `gpt_neox` (NeoX) or `model` (others); `i` is the layer, whose
+params we stack on a leading layer axis. Norm `scale`/`bias` are HF `weight`/`bias`;
 kernels are HF `weight` transposed (torch Linear is [out, in]; GPT-2 Conv1D is already [in, out])
 and split per head; fused q/k/v tensors are split at load and re-fused at save.
 
@@ -29,9 +29,9 @@ Gemma 2/3 name their norms differently (and store them as `weight - 1`, like our
     layers/attn_post_norm   ..post_attention_layernorm  layers/mlp_post_norm
                                                                          ..post_feedforward_layernorm
 
-Loading is lazy (`load`): safetensors files are indexed from their headers (`index_weights`),
-names and shapes are checked, and each param leaf (`LazyLeaf`) reads and converts one layer's
-tensor at a time when a device's slice of it is placed.
+Conversion can be lazy (`hf_to_params(..., lazy=True)`, what `io.load` uses): names and shapes
+are checked first, and each param leaf (`LazyLeaf`) reads and converts one layer's tensor at a
+time when a device's slice of it is placed.
 
 Gemma 3 multimodal checkpoints hold the text decoder under `model.language_model.`
 (transformers 5) or `language_model.model.` (4), read as `model.`; their vision tower and
@@ -41,25 +41,17 @@ projector are ignored.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
-from jax.sharding import Mesh
-from safetensors.numpy import save_file
 
-from rlhf_jax import sharding as sh
 from rlhf_jax.models.config import ModelConfig
-from rlhf_jax.models.hf_config import config_from_hf, config_to_hf
-from rlhf_jax.models.model import Params, init_params, logical_axes
+from rlhf_jax.models.model import Params, param_shapes
 
-_PREFIX = {
+PREFIX = {
     "gpt2": "transformer",
     "gpt_neox": "gpt_neox",
     "llama": "model",
@@ -73,11 +65,8 @@ _PREFIX = {
 _IGNORED = re.compile(r"(\.attn\.(bias|masked_bias)|\.attention\.(bias|masked_bias)|\.inv_freq)$")
 
 
-# ----------------------------------------------------------------------------- weights
-
-
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class WeightSpec:
     """One HF tensor <-> one or more param leaves (per layer when `hf` contains `{i}`)."""
 
     hf: str
@@ -86,23 +75,23 @@ class _Spec:
     to_hf: Callable[..., np.ndarray]
 
 
-def _same(path: tuple[str, ...], hf: str) -> _Spec:
-    return _Spec(hf, (path,), lambda w: (w,), lambda p: p)
+def _same(path: tuple[str, ...], hf: str) -> WeightSpec:
+    return WeightSpec(hf, (path,), lambda w: (w,), lambda p: p)
 
 
-def _transposed(path: tuple[str, ...], hf: str) -> _Spec:
-    return _Spec(hf, (path,), lambda w: (w.T,), lambda p: p.T)
+def _transposed(path: tuple[str, ...], hf: str) -> WeightSpec:
+    return WeightSpec(hf, (path,), lambda w: (w.T,), lambda p: p.T)
 
 
-def _linear_in(path: tuple[str, ...], hf: str, heads: int, d: int) -> list[_Spec]:
+def _linear_in(path: tuple[str, ...], hf: str, heads: int, d: int) -> list[WeightSpec]:
     """torch Linear [heads*K, D] (+ bias [heads*K]) <-> kernel [D, heads, K], bias [heads, K]."""
-    kernel = _Spec(
+    kernel = WeightSpec(
         f"{hf}.weight",
         (path + ("kernel",),),
         lambda w: (w.T.reshape(w.shape[1], heads, -1),),
         lambda k: k.reshape(d, -1).T,
     )
-    bias = _Spec(
+    bias = WeightSpec(
         f"{hf}.bias",
         (path + ("bias",),),
         lambda b: (b.reshape(heads, -1),),
@@ -111,42 +100,42 @@ def _linear_in(path: tuple[str, ...], hf: str, heads: int, d: int) -> list[_Spec
     return [kernel, bias]
 
 
-def _norm(path: tuple[str, ...], hf: str) -> list[_Spec]:
+def _norm(path: tuple[str, ...], hf: str) -> list[WeightSpec]:
     return [_same(path + ("scale",), f"{hf}.weight"), _same(path + ("bias",), f"{hf}.bias")]
 
 
-def _dense(path: tuple[str, ...], hf: str) -> list[_Spec]:
+def _dense(path: tuple[str, ...], hf: str) -> list[WeightSpec]:
     """torch Linear [out, in] <-> kernel [in, out]; bias as is."""
     return [_transposed(path + ("kernel",), f"{hf}.weight"), _same(path + ("bias",), f"{hf}.bias")]
 
 
-def _conv1d(path: tuple[str, ...], hf: str) -> list[_Spec]:
+def _conv1d(path: tuple[str, ...], hf: str) -> list[WeightSpec]:
     """GPT-2 Conv1D [in, out] <-> kernel [in, out]."""
     return [_same(path + ("kernel",), f"{hf}.weight"), _same(path + ("bias",), f"{hf}.bias")]
 
 
-def _specs(config: ModelConfig) -> list[_Spec]:
-    """Every possible spec of the family; `_expected_specs` drops those without params."""
+def _specs(config: ModelConfig) -> list[WeightSpec]:
+    """Every possible spec of the family; `expected_specs` drops those without params."""
     c = config
     h, n, d = c.num_heads, c.num_kv_heads, c.hidden_size
     qkv = [("layers", "attn", name) for name in ("q", "k", "v")]
-    p = _PREFIX[c.family]
+    p = PREFIX[c.family]
     if c.family == "gpt2":
         b = f"{p}.h.{{i}}"
-        fused_w = _Spec(
+        fused_w = WeightSpec(
             f"{b}.attn.c_attn.weight",
             tuple(path + ("kernel",) for path in qkv),
             lambda w: tuple(x.reshape(d, h, -1) for x in np.split(w, 3, axis=1)),
             lambda *ks: np.concatenate([k.reshape(d, -1) for k in ks], axis=1),
         )
-        fused_b = _Spec(
+        fused_b = WeightSpec(
             f"{b}.attn.c_attn.bias",
             tuple(path + ("bias",) for path in qkv),
             lambda w: tuple(x.reshape(h, -1) for x in np.split(w, 3)),
             lambda *bs: np.concatenate([x.reshape(-1) for x in bs]),
         )
         out = [
-            _Spec(
+            WeightSpec(
                 f"{b}.attn.c_proj.weight",
                 (("layers", "attn", "o", "kernel"),),
                 lambda w: (w.reshape(h, -1, d),),
@@ -170,7 +159,7 @@ def _specs(config: ModelConfig) -> list[_Spec]:
         ]
     if c.family == "gpt_neox":
         b = f"{p}.layers.{{i}}"
-        fused_w = _Spec(
+        fused_w = WeightSpec(
             f"{b}.attention.query_key_value.weight",
             tuple(path + ("kernel",) for path in qkv),
             lambda w: tuple(
@@ -178,13 +167,13 @@ def _specs(config: ModelConfig) -> list[_Spec]:
             ),
             lambda *ks: np.stack([np.transpose(k, (1, 2, 0)) for k in ks], axis=1).reshape(-1, d),
         )
-        fused_b = _Spec(
+        fused_b = WeightSpec(
             f"{b}.attention.query_key_value.bias",
             tuple(path + ("bias",) for path in qkv),
             lambda w: tuple(np.moveaxis(w.reshape(h, 3, -1), 1, 0)),
             lambda *bs: np.stack(bs, axis=1).reshape(-1),
         )
-        out_w = _Spec(
+        out_w = WeightSpec(
             f"{b}.attention.dense.weight",
             (("layers", "attn", "o", "kernel"),),
             lambda w: (w.T.reshape(h, -1, d),),
@@ -205,7 +194,7 @@ def _specs(config: ModelConfig) -> list[_Spec]:
             _transposed(("score", "kernel"), "score.weight"),
         ]
     b = f"{p}.layers.{{i}}"
-    out_w = _Spec(
+    out_w = WeightSpec(
         f"{b}.self_attn.o_proj.weight",
         (("layers", "attn", "o", "kernel"),),
         lambda w: (w.T.reshape(h, -1, d),),
@@ -239,20 +228,19 @@ def _specs(config: ModelConfig) -> list[_Spec]:
     ]
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
+def get_path(tree: Any, path: tuple[str, ...]) -> Any:
+    """`tree[path[0]][path[1]]...` (KeyError where the path does not exist)."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _param_shapes(config: ModelConfig) -> Params:
-    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+def expected_specs(config: ModelConfig, shapes: Params) -> list[WeightSpec]:
+    """The specs of `config`'s family whose params exist in `shapes` (a param-shaped tree)."""
 
-
-def _expected_specs(config: ModelConfig, shapes: Params) -> list[_Spec]:
     def exists(path: tuple[str, ...]) -> bool:
         try:
-            _get(shapes, path)
+            get_path(shapes, path)
         except KeyError:
             return False
         return True
@@ -260,13 +248,15 @@ def _expected_specs(config: ModelConfig, shapes: Params) -> list[_Spec]:
     return [s for s in _specs(config) if all(exists(path) for path in s.paths)]
 
 
-def _layer_names(spec: _Spec, config: ModelConfig) -> list[str]:
+def layer_names(spec: WeightSpec, config: ModelConfig) -> list[str]:
+    """The HF names of `spec`'s tensors: one per layer for a per-layer spec, else one."""
     if "{i}" in spec.hf:
         return [spec.hf.format(i=i) for i in range(config.num_layers)]
     return [spec.hf]
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    """`tree[path[0]]...[path[-1]] = value`, creating the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
@@ -282,7 +272,7 @@ _GEMMA3_TEXT_PREFIXES = (
 _GEMMA3_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
 
 
-def _canonical_name(name: str, config: ModelConfig, expected: set[str]) -> str | None:
+def canonical_name(name: str, config: ModelConfig, expected: set[str]) -> str | None:
     """Maps a checkpoint name onto an expected name; None for buffers, a tied lm_head and the
     vision parts of a Gemma 3 multimodal checkpoint."""
     if config.family == "gemma3":
@@ -293,7 +283,7 @@ def _canonical_name(name: str, config: ModelConfig, expected: set[str]) -> str |
                 name = new + name.removeprefix(old)
     if name in expected:
         return name
-    prefixed = f"{_PREFIX[config.family]}.{name}"
+    prefixed = f"{PREFIX[config.family]}.{name}"
     if prefixed in expected:  # a base-model checkpoint without the prefix
         return prefixed
     if config.family == "gpt_neox" and name == "lm_head.weight" and "embed_out.weight" in expected:
@@ -315,7 +305,7 @@ class LazyLeaf:
     """
 
     def __init__(
-        self, spec: _Spec, part: int, sources: list[Any], shape: tuple[int, ...], dtype: Any
+        self, spec: WeightSpec, part: int, sources: list[Any], shape: tuple[int, ...], dtype: Any
     ) -> None:
         self.spec, self.part, self.sources = spec, part, sources
         self.per_layer = "{i}" in spec.hf
@@ -389,12 +379,12 @@ def hf_to_params(tensors: Mapping[str, Any], config: ModelConfig, *, lazy: bool 
     Raises ValueError naming the tensor for missing, unexpected or wrongly shaped tensors
     (before anything is converted).
     """
-    shapes = _param_shapes(config)
-    specs = _expected_specs(config, shapes)
-    expected = {name for spec in specs for name in _layer_names(spec, config)}
+    shapes = param_shapes(config)
+    specs = expected_specs(config, shapes)
+    expected = {name for spec in specs for name in layer_names(spec, config)}
     by_name: dict[str, Any] = {}
     for name, value in tensors.items():
-        canonical = _canonical_name(name, config, expected)
+        canonical = canonical_name(name, config, expected)
         if canonical is None:
             continue
         if canonical not in expected:
@@ -408,23 +398,22 @@ def hf_to_params(tensors: Mapping[str, Any], config: ModelConfig, *, lazy: bool 
     dtype = config.params_dtype
     params: Params = {}
     for spec in specs:
-        leaf_shapes = [_get(shapes, path) for path in spec.paths]
+        leaf_shapes = [get_path(shapes, path) for path in spec.paths]
         per_layer = "{i}" in spec.hf
         dummies = [np.zeros(s.shape[1:] if per_layer else s.shape, np.float32) for s in leaf_shapes]
         hf_shape = spec.to_hf(*dummies).shape
         sources = []
-        for name in _layer_names(spec, config):
+        for name in layer_names(spec, config):
             value = by_name[name]
             if tuple(np.shape(value)) != hf_shape:
                 raise ValueError(
                     f"tensor {name!r} has shape {tuple(np.shape(value))}, expected {hf_shape} "
                     "for this config"
                 )
-            if isinstance(value, StoredTensor):
-                value.dtype  # noqa: B018 (a ValueError naming it if we cannot read its dtype)
+            getattr(value, "dtype", None)  # a StoredTensor's ValueError for a dtype it cannot read
             sources.append(value)
         for j, (path, leaf) in enumerate(zip(spec.paths, leaf_shapes, strict=True)):
-            _set(params, path, LazyLeaf(spec, j, sources, leaf.shape, dtype))
+            set_path(params, path, LazyLeaf(spec, j, sources, leaf.shape, dtype))
     if lazy:
         return params
     return jax.tree.map(np.asarray, params, is_leaf=lambda x: isinstance(x, LazyLeaf))
@@ -434,191 +423,9 @@ def params_to_hf(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
     """Our params -> HF state dict (numpy, param dtype); tied models have no `lm_head`."""
     host = jax.device_get(params)
     tensors: dict[str, np.ndarray] = {}
-    for spec in _expected_specs(config, params):
-        leaves = [np.asarray(_get(host, path)) for path in spec.paths]
-        for i, name in enumerate(_layer_names(spec, config)):
+    for spec in expected_specs(config, params):
+        leaves = [np.asarray(get_path(host, path)) for path in spec.paths]
+        for i, name in enumerate(layer_names(spec, config)):
             parts = [leaf[i] for leaf in leaves] if "{i}" in spec.hf else leaves
             tensors[name] = np.ascontiguousarray(spec.to_hf(*parts))
     return tensors
-
-
-# ----------------------------------------------------------------------------- files
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U64": np.uint64,
-    "U32": np.uint32,
-    "U16": np.uint16,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredTensor:
-    """One tensor of a safetensors file, read into a fresh buffer only by `np.asarray` (never
-    memory-mapped: touched pages of a mapping would count in the process's RSS)."""
-
-    name: str
-    file: Path
-    dtype_name: str  # the safetensors dtype, e.g. "BF16"
-    shape: tuple[int, ...]
-    offset: int  # of the first byte, from the start of the file
-    nbytes: int
-
-    @property
-    def dtype(self) -> np.dtype:
-        if self.dtype_name not in _SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"tensor {self.name!r} in {self.file} has unsupported dtype {self.dtype_name}"
-            )
-        return np.dtype(_SAFETENSORS_DTYPES[self.dtype_name])
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        stored = self.dtype  # safetensors is little-endian, like every host JAX runs on
-        count = int(np.prod(self.shape))
-        data = np.fromfile(self.file, dtype=stored, count=count, offset=self.offset)
-        if data.size != count:
-            raise ValueError(f"{self.file} is truncated: tensor {self.name!r} is incomplete")
-        data = data.reshape(self.shape)
-        return data if dtype is None else data.astype(dtype, copy=False)
-
-
-def _index_safetensors(file: Path) -> dict[str, StoredTensor]:
-    """Every tensor of one safetensors file, from its header alone."""
-    with open(file, "rb") as f:
-        header_len = int(np.frombuffer(f.read(8), "<u8")[0])
-        header = json.loads(f.read(header_len))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = StoredTensor(
-            name, file, info["dtype"], tuple(info["shape"]), 8 + header_len + start, end - start
-        )
-    return out
-
-
-def _safetensors_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return sorted(path.glob("*.safetensors"))
-
-
-def _pickles(path: Path, allow_pickle: bool) -> list[Path]:
-    pickles = sorted(path.glob("*.bin"))
-    if pickles and not allow_pickle:
-        raise ValueError(
-            f"{path} has only pickled weights ({pickles[0].name}); pickle can run arbitrary code. "
-            "Convert them to safetensors, or pass allow_pickle=True to load them with "
-            "torch.load(weights_only=True)."
-        )
-    if not pickles:
-        raise ValueError(f"no *.safetensors or *.bin weights in {path}")
-    return pickles
-
-
-def index_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, Any]:
-    """Every tensor of an HF checkpoint directory by HF name, read only when converted: sharded
-    or single safetensors files are indexed from their headers (`StoredTensor`s); only with
-    `allow_pickle`, PyTorch `.bin` pickles are read whole (NumPy arrays)."""
-    path = Path(path)
-    files = _safetensors_files(path)
-    if files:
-        tensors: dict[str, Any] = {}
-        for file in files:
-            tensors |= _index_safetensors(file)
-        return tensors
-    import torch  # only for explicitly allowed pickled checkpoints
-
-    tensors = {}
-    for file in _pickles(path, allow_pickle):
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        tensors |= {k: v.float().numpy() for k, v in state.items()}
-    return tensors
-
-
-def read_weights(path: str | Path, allow_pickle: bool = False) -> dict[str, np.ndarray]:
-    """All tensors of an HF checkpoint directory as NumPy arrays, by HF name (`index_weights`,
-    every tensor read)."""
-    return {name: np.asarray(t) for name, t in index_weights(path, allow_pickle).items()}
-
-
-def load(
-    path: str | Path,
-    *,
-    dtype: str | None = None,
-    allow_pickle: bool = False,
-    mesh: Mesh | None = None,
-    rules: sh.Rules | None = None,
-) -> tuple[Params, ModelConfig]:
-    """Loads a local HF checkpoint directory (config.json + safetensors; never downloads).
-
-    Safetensors are read lazily, one layer's tensor at a time, straight into each device's
-    slice: tensor names and shapes are checked against the config first (from the files'
-    headers), then each leaf is placed device by device (`rlhf_jax.sharding.shard_params`), so
-    the host holds at most one device's slice of one leaf plus one layer's HF tensor (without a
-    mesh: one leaf). In a multi-process run every process calls it with the same `path` (a shared
-    or replicated file system) and reads only what its own devices hold.
-
-    Args:
-      path: directory with config.json and `model.safetensors`, sharded safetensors with
-        `model.safetensors.index.json`, or (with `allow_pickle`) `*.bin` files (read whole).
-      dtype: params and compute dtype (e.g. "bfloat16"); default float32 for both.
-      allow_pickle: allow `*.bin` pickles (read with `torch.load(weights_only=True)`).
-      mesh: place every param sharded on `mesh` (`models.param_shardings(config, mesh,
-        rules)`); None: on the default device.
-      rules: logical-axis rules for `mesh` (None: `rlhf_jax.sharding.DEFAULT_RULES`).
-
-    Returns:
-      `(params, config)`: params as jax arrays.
-    """
-    import transformers
-
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise ValueError(f"{path} is not an HF checkpoint directory (no config.json)")
-    hf_config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    config = config_from_hf(hf_config)
-    if dtype is not None:
-        config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
-    host = hf_to_params(index_weights(path, allow_pickle), config, lazy=True)
-    if mesh is None:
-        # one leaf at a time (a transfer in flight keeps its host array alive)
-        put = lambda x: jax.device_put(np.asarray(x)).block_until_ready()  # noqa: E731
-        is_leaf = lambda x: isinstance(x, LazyLeaf)  # noqa: E731
-        return jax.tree.map(put, host, is_leaf=is_leaf), config
-    return sh.shard_params(host, logical_axes(config), mesh, rules), config
-
-
-def save(params: Params, config: ModelConfig, path: str | Path, *, tokenizer: Any = None) -> None:
-    """Writes `model.safetensors` + `config.json` (+ the tokenizer) that transformers'
-    `AutoModelForCausalLM` / `AutoModelForSequenceClassification` load without key warnings."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(params_to_hf(params, config), path / "model.safetensors", metadata={"format": "pt"})
-    config_to_hf(config).save_pretrained(path)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
-def value_from_reward(params: Params, config: ModelConfig) -> tuple[Params, ModelConfig]:
-    """A value model initialised from a reward model: copied params, same score head."""
-    if config.head != "score" or config.num_labels != 1:
-        raise ValueError(
-            f"value_from_reward needs a reward model (head='score', num_labels=1), got "
-            f"head={config.head!r}, num_labels={config.num_labels}"
-        )
-    return jax.tree.map(lambda x: x.copy(), params), config
