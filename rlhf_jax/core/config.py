@@ -3,11 +3,13 @@
 An algorithm is a frozen subclass (`algorithms.PPOConfig`, `RLOOConfig`, `GRPOConfig`,
 `ReinforcePPConfig`) that adds its own options (named as TRL / OpenRLHF name them) and implements:
 
-- the batch layout: `num_prompts`, `group_size` (completions per prompt; 1 by default) and
-  `epochs` (passes over each batch);
+- the batch layout: `num_prompts` and `batch_size` (`GroupedConfig` derives the latter), and the
+  names of its options for the completions per prompt and the update epochs
+  (`group_size_field`, `epochs_field`: `group_size` and `epochs` read them);
 - `has_critic` (a value function trained beside the policy: then also `vf_coef`,
   `cliprange_value`, `value_learning_rate` and `value_mask`), `needs_ref` (whether a reference
-  forward is needed: any KL term) and `kl_controller` (the coefficient of a KL in the reward);
+  forward is needed: any KL term) and, where its options differ from `kl_coef` /
+  `kl_target` / `kl_horizon`, `kl_controller` (the coefficient of a KL in the reward);
 - `advantages(roll, scores, kl_coef) -> Advantages`: scores to per-token advantages (where the
   KL in the reward goes);
 - `policy_objective(logprobs, mb, token_scale, algo_state) -> (loss, aux)`: the policy objective of
@@ -55,7 +57,7 @@ class Advantages(NamedTuple):
     kl: jax.Array
     non_score: jax.Array
     rewards: jax.Array | None = None
-    metrics: dict[str, jax.Array] = {}
+    metrics: dict[str, jax.Array] = {}  # (read, never mutated)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
