@@ -99,7 +99,7 @@ def abstract_parts(
 
     def params(model_config: models.ModelConfig, dtype: str = "float32") -> Any:
         model_config = dataclasses.replace(model_config, param_dtype=dtype)
-        return jax.eval_shape(lambda k: models.init_params(model_config, k), jax.random.key(0))
+        return models.param_shapes(model_config)
 
     state = jax.eval_shape(
         lambda p, v: core.init_state(p, config, value_params=v),

@@ -224,7 +224,7 @@ def restore_params(
         raise CheckpointError(f"{checkpoint_dir} has no {item!r} model; it has {sorted(configs)}")
     config = model_config_from_dict(configs[item])
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda k: models.init_params(config, k), jax.random.key(0))
+    shapes = models.param_shapes(config)
     shared_head = item == "value" and meta.get("shared_value_head", False)
     if shared_head:
         shapes = {"score": shapes["score"]}

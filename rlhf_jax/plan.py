@@ -293,7 +293,7 @@ def _with_shardings(shapes: Any, shardings: Any) -> Any:
 
 
 def _abstract_params(config: models.ModelConfig, dtype: str | None = None) -> Any:
-    shapes = jax.eval_shape(models.init_params, config, jax.random.key(0))
+    shapes = models.param_shapes(config)
     return shapes if dtype is None else _cast_abstract(shapes, dtype)
 
 

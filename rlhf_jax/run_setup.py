@@ -329,19 +329,27 @@ def enable_compilation_cache(path: str | Path) -> None:
     compilation_cache.reset_cache()
 
 
-def resolve_models(
-    config: cfg.RLRunConfig, tokenizer: Any = None
-) -> tuple[RLModels, dict[str, Path]]:
-    """The run's `RLModels` (with its LoRA) and model directories, from the models' config.json
-    files only (no weights). With a `tokenizer`, each model's vocabulary is checked against it.
-    A value model (algorithms with a critic, unless `models.shared_value_head`) is
-    `models.value`, else the reward model's architecture, else the policy's trunk."""
+def model_paths(config: cfg.RLRunConfig) -> dict[str, Path]:
+    """The local directories of the run's models (`policy`, `reward`, and `value` for an
+    algorithm with a critic), by `resolve_model_path`."""
     mc, algo = config.models, config.algorithm()
     paths = {"policy": resolve_model_path(mc.policy, "models.policy")}
     if mc.reward is not None:
         paths["reward"] = resolve_model_path(mc.reward, "models.reward")
     if mc.value is not None and algo.has_critic:
         paths["value"] = resolve_model_path(mc.value, "models.value")
+    return paths
+
+
+def resolve_models(
+    config: cfg.RLRunConfig, tokenizer: Any = None, paths: dict[str, Path] | None = None
+) -> tuple[RLModels, dict[str, Path]]:
+    """The run's `RLModels` (with its LoRA) and model directories, from the models' config.json
+    files only (no weights). With a `tokenizer`, each model's vocabulary is checked against it.
+    A value model (algorithms with a critic, unless `models.shared_value_head`) is
+    `models.value`, else the reward model's architecture, else the policy's trunk."""
+    mc, algo = config.models, config.algorithm()
+    paths = model_paths(config) if paths is None else paths
     policy = read_model_config(paths["policy"], "models.policy", head="lm", models_config=mc)
     configs: dict[str, Any] = {"policy": policy}
     for name in ("reward", "value"):

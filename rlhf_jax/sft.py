@@ -164,7 +164,7 @@ def train_state_shardings(
     by the model's logical axes (`models.param_shardings`, as the RL trainers place them), the
     AdamW moments mirroring them (`sharding.optimizer_state_shardings`), the step replicated."""
     params = models.param_shardings(model_config, mesh, rules)
-    abstract_params = jax.eval_shape(models.init_params, model_config, jax.random.key(0))
+    abstract_params = models.param_shapes(model_config)
     abstract = jax.eval_shape(
         lambda p: init_train_state(p, config, model_config.lora), abstract_params
     )

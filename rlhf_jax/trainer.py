@@ -2,9 +2,9 @@
 
 Each iteration takes the next `num_prompts` prompts of the dataset and runs the core's jitted
 phases on a device mesh (`core.iteration_programs`): rollout -> scores -> update, with scoring and
-the update cut to the batch's length bucket. The scores come from the reward model (on device), from
-a Python reward function on the host (`models.reward_function`: each process scores its own rows),
-or both (the function's reward plus the model's score).
+the update cut to the batch's length bucket. The scores come from the reward model (on device) or
+from a Python reward function on the host (`models.reward_function`: each process scores its own
+rows).
 
 Everything that can be checked without compute is checked first (`prepare`: paths, heads,
 tokenizer/model vocabularies, the mesh against the batch, the dataset). The train state, the PRNG
@@ -19,6 +19,7 @@ current iteration, save a checkpoint and return. A finished run exports the poli
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -40,6 +41,7 @@ from rlhf_jax.core import (
     RLState,
     check_finite,
     iteration_programs,
+    score_and_finish,
 )
 from rlhf_jax.host import (
     fetch_metrics,
@@ -59,9 +61,9 @@ from rlhf_jax.run_setup import (
     enable_compilation_cache,
     frozen_params,
     load_params,
+    model_paths,
     open_checkpointer,
     ptx_rows,
-    resolve_model_path,
     resolve_models,
     with_adapters,
 )
@@ -97,11 +99,9 @@ def prepare(
     mesh, the dataset, the run directory's checkpoints. Raises SetupError/DataError."""
     mc, section = config.models, config.section
     algo = config.algorithm()
-    if mc.reward is None and mc.reward_function is None:
-        raise SetupError("set models.reward (a reward model), models.reward_function, or both")
-    policy_path = resolve_model_path(mc.policy, "models.policy")
-    tokenizer = data.load_tokenizer(config.tokenizer, str(policy_path))
-    rl_models, paths = resolve_models(config, tokenizer)
+    paths = model_paths(config)
+    tokenizer = data.load_tokenizer(config.tokenizer, str(paths["policy"]))
+    rl_models, paths = resolve_models(config, tokenizer, paths)
     pad_id = int(tokenizer.pad_token_id)
     if algo.pad_token_id not in (0, pad_id):
         raise SetupError(
@@ -357,22 +357,6 @@ def _start(setup: RunSetup):
     return mesh, programs, loaded, logger
 
 
-def _score_and_update(setup, programs, mesh, state, frozen, roll, batch, key, iteration):
-    """Scores the rollout (reward model on device, host reward function on this process's rows,
-    or both) on the batch's length bucket and dispatches the update. Returns the new state and
-    the dispatched update's device metrics, host metrics and scores."""
-    width = setup.algo.bucket_width(to_host(roll.generation.sequence_lengths))
-    scores, host_metrics = None, {"perf/response_bucket": float(width)}
-    if setup.rl_models.reward is not None:
-        scores = programs.score(state, frozen, roll, width=width)
-    if setup.reward_terms:
-        scores, reward_metrics = _host_scores(setup, roll, batch.rows, scores, iteration, mesh)
-        host_metrics.update(reward_metrics)
-        scores = sharding.place_replicated(scores, mesh)  # every process has every score
-    state, device_metrics = programs.finish(state, roll, scores, key, batch.ptx, width=width)
-    return state, device_metrics, host_metrics, scores
-
-
 def _train(setup: RunSetup) -> TrainResult:
     config, algo = setup.config, setup.algo
     mesh, programs, loaded, logger = _start(setup)
@@ -404,9 +388,15 @@ def _train(setup: RunSetup) -> TrainResult:
                     if stopping:
                         status = "interrupted"
                         break
-                state, device_metrics, host_metrics, scores = _score_and_update(
-                    setup, programs, mesh, state, frozen, roll, batch, update_key, iteration + 1
-                )
+                host_score = None
+                if setup.reward_terms:  # this process's rows, plus the model's scores if any
+                    host_score = functools.partial(
+                        _host_scores, setup, rows=batch.rows, iteration=iteration + 1, mesh=mesh
+                    )
+                state, device_metrics, host_metrics, scores = score_and_finish(
+                    programs, algo, setup.rl_models, state, frozen, roll, update_key,
+                    host_score=host_score, ptx=batch.ptx,
+                )  # fmt: skip
                 iteration += 1
                 if iteration == start + 1:  # the programs are compiled now
                     release_host_memory()
@@ -448,7 +438,7 @@ def _changed_since_last_run(config: cfg.RLRunConfig, run_dir: Path) -> list[str]
 
 
 def _host_scores(
-    setup: RunSetup, roll, rows: np.ndarray, model_scores, iteration: int, mesh
+    setup: RunSetup, roll, *, rows: np.ndarray, iteration: int, mesh
 ) -> tuple[np.ndarray, dict[str, float]]:
     """The reward function on this process's rows (of the global batch; their tokens,
     masks and reward-model scores read from its own shards; `score_rows` gathers every
@@ -476,7 +466,9 @@ def _host_scores(
                 [ds.texts[r] for r in mine],
                 tok.batch_decode(completion_tokens, skip_special_tokens=True),
                 columns=columns,
-                model_scores=None if model_scores is None else local_rows(model_scores, local),
+                model_scores=(
+                    None if roll.model_scores is None else local_rows(roll.model_scores, local)
+                ),
             )
         except ValueError as err:
             raise type(err)(f"iteration {iteration}: {err}") from err

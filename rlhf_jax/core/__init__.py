@@ -21,6 +21,7 @@ from rlhf_jax.core.iteration import (
     jit_iteration,
     make_experience,
     make_host_iteration,
+    score_and_finish,
 )
 from rlhf_jax.core.rollout import (
     Rollout,
@@ -87,6 +88,7 @@ __all__ = [
     "rl_shardings",
     "rollout",
     "rollout_spec",
+    "score_and_finish",
     "score_rollout",
     "shared_rollout",
     "slice_rollout",

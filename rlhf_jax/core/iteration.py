@@ -300,6 +300,47 @@ def iteration_programs(
 ScoreFn = Callable[..., Any]
 
 
+def score_and_finish(
+    programs: IterationPrograms,
+    config: RLConfig,
+    rl_models: RLModels,
+    state: RLState,
+    frozen: FrozenParams,
+    roll: Rollout,
+    key: jax.Array,
+    *,
+    host_score: Callable[[Rollout], Any] | None = None,
+    ptx: PtxBatch | None = None,
+) -> tuple[RLState, dict[str, jax.Array], dict[str, Any], Any]:
+    """The second half of a phased iteration: the batch's length bucket (on the host), the
+    reward model's scores on it (`programs.score`, when `rl_models.reward` is set), then
+    `host_score(roll)` (when given; `roll.model_scores` holds the model's scores) returning the
+    scores `[B]` or `(scores, metrics)`, and the update (`programs.finish`, state donated).
+
+    Returns `(state, device_metrics, host_metrics, scores)`; `host_metrics` holds
+    `perf/response_bucket` and the host function's metrics.
+    """
+    width = config.bucket_width(to_host(roll.generation.sequence_lengths))
+    scores, host_metrics = None, {"perf/response_bucket": float(width)}
+    if rl_models.reward is not None:
+        scores = programs.score(state, frozen, roll, width=width)
+    if host_score is not None:
+        out = host_score(roll._replace(model_scores=scores))
+        if isinstance(out, tuple):
+            out, metrics = out
+            host_metrics.update(metrics)
+        scores = np.asarray(out, np.float32)
+        if scores.shape != (config.batch_size,):
+            raise ValueError(
+                f"the host score function must return {config.batch_size} scores (num_prompts "
+                f"x group_size), got shape {list(scores.shape)}"
+            )
+        if programs.shardings is not None:  # every process has every score
+            scores = sh.place_replicated(scores, programs.shardings.replicated.mesh)
+    state, metrics = programs.finish(state, roll, scores, key, ptx, width=width)
+    return state, metrics, host_metrics, scores
+
+
 def make_host_iteration(
     config: RLConfig,
     rl_models: RLModels,
@@ -309,7 +350,7 @@ def make_host_iteration(
     optimizers: Optimizers | None = None,
 ) -> Callable[..., tuple[RLState, dict[str, Any]]]:
     """An iteration whose scores come from Python: the phases of `iteration_programs` with
-    `score_fn` on the host between them.
+    `score_fn` on the host between them (`score_and_finish`).
 
     Args:
       score_fn: called as `score_fn(roll, *score_args, **score_kwargs)` with the `Rollout`
@@ -329,22 +370,11 @@ def make_host_iteration(
     def step(state, frozen, prompts_NP, prompt_mask_NP, key, *score_args, **score_kwargs):
         rollout_key, update_key = jax.random.split(key)
         roll = programs.rollout(state, frozen, prompts_NP, prompt_mask_NP, rollout_key)
-        width = config.bucket_width(to_host(roll.generation.sequence_lengths))
-        if rl_models.reward is not None:
-            roll = roll._replace(model_scores=programs.score(state, frozen, roll, width=width))
-        out = score_fn(roll, *score_args, **score_kwargs)
-        host_metrics: dict[str, Any] = {}
-        if isinstance(out, tuple):
-            out, host_metrics = out
-        scores = np.asarray(out, np.float32)
-        if scores.shape != (config.batch_size,):
-            raise ValueError(
-                f"score_fn must return {config.batch_size} scores (num_prompts x group_size), "
-                f"got shape {list(scores.shape)}"
-            )
-        roll = roll._replace(model_scores=None)
-        state, metrics = programs.finish(state, roll, scores, update_key, width=width)
-        return state, {**metrics, **host_metrics, "perf/response_bucket": float(width)}
+        host_score = lambda r: score_fn(r, *score_args, **score_kwargs)  # noqa: E731
+        state, metrics, host_metrics, _ = score_and_finish(
+            programs, config, rl_models, state, frozen, roll, update_key, host_score=host_score
+        )
+        return state, {**metrics, **host_metrics}
 
     step.programs = programs  # type: ignore[attr-defined]
     return step

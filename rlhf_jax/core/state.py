@@ -238,12 +238,12 @@ def param_logical_axes(rl_models: RLModels) -> tuple[Params, Params]:
 def abstract_params(config: RLConfig, rl_models: RLModels) -> tuple[Params, Params]:
     """Shapes and dtypes of the policy params and (with a critic) the value params (the value
     model's, or the shared value head's; None without a critic)."""
-    policy = jax.eval_shape(models.init_params, rl_models.policy, jax.random.key(0))
+    policy = models.param_shapes(rl_models.policy)
     if not config.has_critic:
         return policy, None
     if rl_models.shared_value_head:
         return policy, jax.eval_shape(lambda: models.value_head_init(rl_models.policy))
-    return policy, jax.eval_shape(models.init_params, rl_models.value, jax.random.key(0))
+    return policy, models.param_shapes(rl_models.value)
 
 
 def abstract_state(
